@@ -1,0 +1,55 @@
+"""One error hierarchy. The library raises these; only the CLI turns them into a line and an exit code."""
+
+
+class EdgeRetinaError(Exception):
+    """Base of every error edgeretina raises on purpose."""
+
+
+class ConfigError(EdgeRetinaError):
+    """A configuration value or combination of options is invalid."""
+
+
+class ImageDecodeError(EdgeRetinaError):
+    """A file could not be read as an image (empty, truncated, not an image, unsupported)."""
+
+
+class ImageQualityError(EdgeRetinaError):
+    """An image decoded but cannot be preprocessed (e.g. no field of view at all)."""
+
+
+class DatasetError(EdgeRetinaError):
+    """A dataset (labels.csv and its images) is missing, malformed or unusable."""
+
+
+class CheckpointError(EdgeRetinaError):
+    """A training checkpoint is missing, malformed or from an incompatible version."""
+
+
+class BundleError(EdgeRetinaError):
+    """An exported bundle is missing files, tampered with, or of an unknown schema."""
+
+
+class ExportError(EdgeRetinaError):
+    """Exporting a model failed."""
+
+
+class GateError(ExportError):
+    """An exported artifact disagrees with the torch reference beyond the gate's thresholds."""
+
+    def __init__(self, failures: list[str]):
+        self.failures = list(failures)
+        super().__init__("export gate failed: " + "; ".join(self.failures))
+
+
+class BackendError(EdgeRetinaError):
+    """An inference backend is unavailable or failed to run the model."""
+
+
+class MissingDependencyError(EdgeRetinaError):
+    """An optional dependency is not installed; the message names the extra to install."""
+
+    def __init__(self, package: str, extra: str, purpose: str = ""):
+        self.package = package
+        self.extra = extra
+        what = f" (needed for {purpose})" if purpose else ""
+        super().__init__(f"{package} is not installed{what}: pip install 'edgeretina[{extra}]'")

@@ -1,0 +1,116 @@
+"""The International Clinical Diabetic Retinopathy (ICDR) scale and the text that describes it.
+
+The descriptions feed the text tower to build one prototype embedding per grade and per lesion
+(RetinaScan, TWLR); they are part of the model's definition, so changing them changes the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+NUM_GRADES = 5
+REFERABLE_MIN_GRADE = 2  # moderate NPDR or worse is referable (ICDR; the usual screening rule)
+
+
+@dataclass(frozen=True)
+class Grade:
+    value: int
+    short: str
+    name: str
+    description: str
+
+
+GRADES: tuple[Grade, ...] = (
+    Grade(0, "none", "No apparent retinopathy",
+          "a fundus photograph of a healthy retina with no signs of diabetic retinopathy"),
+    Grade(1, "mild", "Mild non-proliferative DR",
+          "a fundus photograph with mild diabetic retinopathy showing only a few microaneurysms"),
+    Grade(2, "moderate", "Moderate non-proliferative DR",
+          "a fundus photograph with moderate diabetic retinopathy showing haemorrhages, "
+          "hard exudates or cotton wool spots"),
+    Grade(3, "severe", "Severe non-proliferative DR",
+          "a fundus photograph with severe diabetic retinopathy showing many haemorrhages "
+          "in all four quadrants, venous beading or intraretinal microvascular abnormalities"),
+    Grade(4, "proliferative", "Proliferative DR",
+          "a fundus photograph with proliferative diabetic retinopathy showing neovascularisation "
+          "or preretinal or vitreous haemorrhage"),
+)
+
+
+@dataclass(frozen=True)
+class Lesion:
+    code: str
+    name: str
+    description: str
+
+
+LESIONS: tuple[Lesion, ...] = (
+    Lesion("MA", "microaneurysm", "small round red dots of microaneurysms in the retina"),
+    Lesion("HE", "haemorrhage", "dot, blot or flame shaped retinal haemorrhages"),
+    Lesion("EX", "hard exudate", "bright yellow waxy hard exudates with sharp edges"),
+    Lesion("CWS", "cotton wool spot", "pale fluffy white cotton wool spots with soft edges"),
+    Lesion("NV", "neovascularisation", "fine tangled new vessels of neovascularisation"),
+    Lesion("PRH", "preretinal haemorrhage", "a large preretinal or vitreous haemorrhage"),
+)
+LESION_CODES: tuple[str, ...] = tuple(lesion.code for lesion in LESIONS)
+
+
+def grade_name(value: int) -> str:
+    return GRADES[check_grade(value)].name
+
+
+def check_grade(value: int) -> int:
+    if not isinstance(value, (int,)) or isinstance(value, bool) or not 0 <= value < NUM_GRADES:
+        raise ValueError(f"ICDR grade must be an integer 0..{NUM_GRADES - 1}, got {value!r}")
+    return value
+
+
+def is_referable(grade: int, min_grade: int = REFERABLE_MIN_GRADE) -> bool:
+    return check_grade(grade) >= min_grade
+
+
+def grade_texts() -> list[str]:
+    return [g.description for g in GRADES]
+
+
+def lesion_texts() -> list[str]:
+    return [lesion.description for lesion in LESIONS]
+
+
+@dataclass(frozen=True)
+class GradingConfig:
+    """Post-processing of the ordinal (CORAL) logits; lives in checkpoints and manifests so that
+    recalibrating never needs a re-export.
+
+    P(grade > k) = sigmoid((logit_k - thresholds[k]) / temperature); grade = #{k : P(grade > k) > 0.5};
+    referable probability = P(grade >= referable_min_grade); referable when it reaches referable_threshold.
+    """
+
+    thresholds: tuple[float, ...] = (0.0,) * (NUM_GRADES - 1)
+    temperature: float = 1.0
+    referable_min_grade: int = REFERABLE_MIN_GRADE
+    referable_threshold: float = 0.5
+
+    def __post_init__(self):
+        if len(self.thresholds) != NUM_GRADES - 1:
+            raise ValueError(f"need {NUM_GRADES - 1} ordinal thresholds, got {len(self.thresholds)}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if not 1 <= self.referable_min_grade < NUM_GRADES:
+            raise ValueError(f"referable_min_grade must be 1..{NUM_GRADES - 1}")
+        if not 0.0 < self.referable_threshold < 1.0:
+            raise ValueError("referable_threshold must lie strictly between 0 and 1")
+
+    def to_dict(self) -> dict:
+        return {"scale": "ICDR", "num_grades": NUM_GRADES, "thresholds": [float(t) for t in self.thresholds],
+                "temperature": float(self.temperature), "referable_min_grade": self.referable_min_grade,
+                "referable_threshold": float(self.referable_threshold)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GradingConfig":
+        if data.get("scale", "ICDR") != "ICDR" or data.get("num_grades", NUM_GRADES) != NUM_GRADES:
+            raise ValueError(f"unsupported grading scale {data.get('scale')!r} with {data.get('num_grades')} grades")
+        return cls(thresholds=tuple(float(t) for t in data["thresholds"]),
+                   temperature=float(data["temperature"]),
+                   referable_min_grade=int(data["referable_min_grade"]),
+                   referable_threshold=float(data["referable_threshold"]))

@@ -1,0 +1,93 @@
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+from edgeretina.bundle import (MANIFEST_NAME, Manifest, describe_artifact, load_bundle, save_manifest, zip_bundle)
+from edgeretina.errors import BundleError
+from edgeretina.grades import GRADES, LESION_CODES, GradingConfig, grade_texts, is_referable
+
+
+def test_icdr_scale_and_referable_rule():
+    assert [g.value for g in GRADES] == [0, 1, 2, 3, 4]
+    assert [is_referable(g) for g in range(5)] == [False, False, True, True, True]
+    assert len(set(grade_texts())) == 5
+    assert LESION_CODES == ("MA", "HE", "EX", "CWS", "NV", "PRH")
+    with pytest.raises(ValueError):
+        is_referable(5)
+
+
+def test_grading_config_round_trip_and_validation():
+    cfg = GradingConfig(thresholds=(0.1, -0.2, 0.3, 0.0), temperature=1.5, referable_threshold=0.3)
+    assert GradingConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError):
+        GradingConfig(thresholds=(0.0, 0.0))
+    with pytest.raises(ValueError):
+        GradingConfig(temperature=0.0)
+
+
+def _make_bundle(root):
+    root.mkdir()
+    (root / "model.onnx").write_bytes(b"not really a graph, but hashed all the same")
+    np.savez(root / "bank.npz", embeddings=np.zeros((2, 4), np.float16))
+    artifacts = [describe_artifact(root, "model.onnx", fmt="onnx", role="model", precision="fp32", target="onnx"),
+                 describe_artifact(root, "bank.npz", fmt="npz", role="bank", precision="fp16", target="onnx")]
+    manifest = Manifest(model={"input_size": 224}, outputs={}, grading=GradingConfig().to_dict(), saliency={},
+                        artifacts=artifacts, export={"target": "onnx"}, bank={"file": "bank.npz"})
+    save_manifest(root, manifest)
+    return root
+
+
+def test_bundle_loads_and_verifies(tmp_path):
+    bundle = load_bundle(_make_bundle(tmp_path / "b"))
+    assert bundle.manifest.artifact("model").format == "onnx"
+    assert bundle.path(bundle.manifest.artifact("bank")).is_file()
+
+
+def test_zipped_bundle_loads(tmp_path):
+    root = _make_bundle(tmp_path / "b")
+    archive = zip_bundle(root, tmp_path / "b.zip")
+    assert zipfile.is_zipfile(archive)
+    assert load_bundle(archive).manifest.artifact("model").sha256 == load_bundle(root).manifest.artifact("model").sha256
+
+
+def test_tampered_artifact_is_refused(tmp_path):
+    root = _make_bundle(tmp_path / "b")
+    data = bytearray((root / "model.onnx").read_bytes())
+    data[0] ^= 0xFF
+    (root / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256 mismatch"):
+        load_bundle(root)
+
+
+def test_missing_artifact_is_refused(tmp_path):
+    root = _make_bundle(tmp_path / "b")
+    (root / "bank.npz").unlink()
+    with pytest.raises(BundleError, match="missing file bank.npz"):
+        load_bundle(root)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m.update(schema_version=99), "schema_version 99"),
+    (lambda m: m.pop("grading"), "missing grading"),
+    (lambda m: m["artifacts"][0].update(file="../outside.onnx"), "outside the bundle"),
+])
+def test_bad_manifest_is_refused(tmp_path, change, message):
+    root = _make_bundle(tmp_path / "b")
+    data = json.loads((root / MANIFEST_NAME).read_text())
+    change(data)
+    (root / MANIFEST_NAME).write_text(json.dumps(data))
+    with pytest.raises(BundleError, match=message):
+        load_bundle(root)
+
+
+def test_not_a_bundle(tmp_path):
+    with pytest.raises(BundleError, match="not found"):
+        load_bundle(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BundleError, match="no manifest.json"):
+        load_bundle(tmp_path / "empty")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(BundleError, match="neither a bundle directory nor a zip"):
+        load_bundle(tmp_path / "file.txt")
