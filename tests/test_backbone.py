@@ -1,0 +1,243 @@
+"""The open_clip backbone adapter: shapes, joint-space equivalence with open_clip, configs, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+open_clip = pytest.importorskip("open_clip")
+
+from edgeretina.errors import ConfigError  # noqa: E402
+from edgeretina.training.backbone import (  # noqa: E402
+    PRESET_DIR, BackboneConfig, VisionBackbone, build_backbone, preset_names, register_presets)
+
+TEXTS = ["a fundus photograph of a healthy retina", "a fundus photograph with microaneurysms"]
+slow = pytest.mark.skipif(os.environ.get("EDGERETINA_SLOW") != "1", reason="slow: set EDGERETINA_SLOW=1")
+
+
+def _reference_and_build(name: str, image_size: int | None, texts=TEXTS):
+    """open_clip's own model and our build from the same seed: the weights are identical."""
+    register_presets()
+    torch.manual_seed(0)
+    reference = open_clip.create_model(name, force_image_size=image_size).eval()
+    torch.manual_seed(0)
+    build = build_backbone(BackboneConfig(name, image_size=image_size), texts)
+    build.visual.eval()
+    return reference, build
+
+
+def _images(backbone: VisionBackbone, n: int = 2) -> torch.Tensor:
+    return torch.randn(n, 3, backbone.image_size, backbone.image_size, generator=torch.Generator().manual_seed(1))
+
+
+# --- presets and configs -------------------------------------------------------------------------
+
+def test_presets_register_idempotently_and_tokenize_offline():
+    register_presets()
+    register_presets()
+    assert set(preset_names()) == {"edgeretina-tiny-vit", "edgeretina-tiny-rn"}
+    assert set(preset_names()) <= set(open_clip.list_models())
+    paths = getattr(open_clip.factory, "_MODEL_CONFIG_PATHS", None)
+    if paths is not None:
+        assert sum(1 for p in paths if str(p) == str(PRESET_DIR)) == 1
+    for name in preset_names():
+        tokenizer = open_clip.get_tokenizer(name)
+        assert isinstance(tokenizer, open_clip.SimpleTokenizer)  # bundled BPE, no hub
+        assert tuple(tokenizer(TEXTS).shape) == (2, 77)
+
+
+def test_config_round_trip_and_strictness():
+    config = BackboneConfig("ViT-B-16", pretrained="/weights/clip.pt", image_size=384)
+    assert BackboneConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert BackboneConfig.from_dict({}) == BackboneConfig()
+    with pytest.raises(ConfigError, match="unknown backbone config keys"):
+        BackboneConfig.from_dict({"name": "ViT-B-16", "img_size": 224})
+    for bad in ({"name": ""}, {"image_size": 8}, {"image_size": True}, {"image_size": "224"}, {"pretrained": ""}):
+        with pytest.raises(ConfigError):
+            BackboneConfig.from_dict(bad)
+
+
+def test_unknown_name_lists_close_names():
+    with pytest.raises(ConfigError, match="ViT-B-16"):
+        build_backbone(BackboneConfig("ViT-B-61"))
+    with pytest.raises(ConfigError, match="edgeretina-tiny-vit"):
+        build_backbone(BackboneConfig("edgeretina-tiny-vti"))
+
+
+def test_bad_pretrained_image_size_and_texts_are_config_errors():
+    with pytest.raises(ConfigError, match="neither a file nor an open_clip tag"):
+        build_backbone(BackboneConfig("edgeretina-tiny-vit", pretrained="no-such-tag"))
+    with pytest.raises(ConfigError, match="multiple of 16"):
+        build_backbone(BackboneConfig("edgeretina-tiny-vit", image_size=100))
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        build_backbone(BackboneConfig("edgeretina-tiny-rn", image_size=80))
+    with pytest.raises(ConfigError, match="not one string"):
+        build_backbone(BackboneConfig("edgeretina-tiny-vit", image_size=32), "one string")
+
+
+# --- shapes --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, image_size, grid", [
+    ("edgeretina-tiny-vit", None, (14, 14)),
+    ("edgeretina-tiny-vit", 64, (4, 4)),
+    ("edgeretina-tiny-rn", 64, (2, 2)),
+    ("edgeretina-tiny-rn", 96, (3, 3)),
+])
+def test_shapes_and_grid(name, image_size, grid):
+    torch.manual_seed(0)
+    build = build_backbone(BackboneConfig(name, image_size=image_size), TEXTS)
+    backbone = build.visual
+    assert backbone.image_size == (image_size or 224)
+    assert backbone.grid_size == grid
+    assert backbone.embed_dim == 128
+    pooled, tokens = backbone(_images(backbone, 3))
+    assert tuple(pooled.shape) == (3, 128)
+    assert tuple(tokens.shape) == (3, grid[0] * grid[1], 128)
+    assert tuple(build.text_embeddings.shape) == (2, 128)
+    assert torch.allclose(build.text_embeddings.norm(dim=-1), torch.ones(2), atol=1e-5)
+    assert not build.text_embeddings.requires_grad
+
+
+def test_no_texts_gives_no_text_embeddings_and_empty_texts_an_empty_matrix():
+    assert build_backbone(BackboneConfig("edgeretina-tiny-rn", image_size=64)).text_embeddings is None
+    empty = build_backbone(BackboneConfig("edgeretina-tiny-rn", image_size=64), []).text_embeddings
+    assert tuple(empty.shape) == (0, 128)
+
+
+# --- the joint space is open_clip's --------------------------------------------------------------
+
+@pytest.mark.parametrize("name, image_size", [("edgeretina-tiny-vit", 64), ("edgeretina-tiny-rn", 64)])
+def test_pooled_and_text_match_open_clip(name, image_size):
+    reference, build = _reference_and_build(name, image_size)
+    backbone = build.visual
+    x = _images(backbone)
+    with torch.no_grad():
+        pooled, _ = backbone(x)
+        expected = reference.encode_image(x)
+        expected_text = reference.encode_text(open_clip.get_tokenizer(name)(TEXTS), normalize=True)
+    torch.testing.assert_close(pooled, expected)
+    torch.testing.assert_close(build.text_embeddings, expected_text)
+    preprocess = open_clip.get_model_preprocess_cfg(reference)
+    assert backbone.mean == tuple(preprocess["mean"]) and backbone.std == tuple(preprocess["std"])
+    assert backbone.mean == open_clip.OPENAI_DATASET_MEAN and backbone.std == open_clip.OPENAI_DATASET_STD
+
+
+def test_vit_tokens_are_open_clips_normalised_patch_tokens_through_proj():
+    reference, build = _reference_and_build("edgeretina-tiny-vit", 64, texts=None)
+    backbone = build.visual
+    x = _images(backbone)
+    with torch.no_grad():
+        pooled, tokens = backbone(x)
+        last = reference.visual.forward_intermediates(
+            x, indices=1, normalize_intermediates=True, output_fmt="NLC")["image_intermediates"][-1]
+        expected = last @ reference.visual.proj
+    torch.testing.assert_close(tokens, expected)
+    assert not torch.allclose(tokens.mean(dim=1), pooled, atol=1e-3)  # class token != mean of patches
+
+
+def test_resnet_tokens_are_the_values_the_attention_pool_mixes():
+    """With uniform attention (zero queries) the pool output is the mean of the query token's value and
+    the tokens: the tokens are exactly the attention pool's value embeddings (MaskCLIP)."""
+    torch.manual_seed(0)
+    backbone = build_backbone(BackboneConfig("edgeretina-tiny-rn", image_size=96)).visual.eval()
+    pool = backbone.visual.attnpool
+    with torch.no_grad():
+        pool.q_proj.weight.zero_()
+        pool.q_proj.bias.zero_()
+        x = _images(backbone)
+        pooled, tokens = backbone(x)
+        features = backbone.visual.forward_intermediates(x, indices=[4], intermediates_only=True)
+        layer4 = features["image_intermediates"][-1]
+        query_value = pool.c_proj(pool.v_proj(layer4.mean(dim=(2, 3)) + pool.positional_embedding[0]))
+    expected = (query_value + tokens.sum(dim=1)) / (tokens.shape[1] + 1)
+    torch.testing.assert_close(pooled, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_forward_in_eval_mode_with_grad_backpropagates():
+    for name in preset_names():
+        backbone = build_backbone(BackboneConfig(name, image_size=64)).visual.eval()
+        pooled, tokens = backbone(_images(backbone))
+        (pooled.sum() + tokens.sum()).backward()
+        assert all(p.grad is not None for p in backbone.parameters() if p.requires_grad)
+
+
+# --- weights from a local file ------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, image_size, grid", [("edgeretina-tiny-vit", 96, (6, 6)),
+                                                    ("edgeretina-tiny-rn", 64, (2, 2))])
+def test_local_checkpoint_loads_and_resizes_position_embeddings(tmp_path, name, image_size, grid):
+    register_presets()
+    torch.manual_seed(123)
+    source = open_clip.create_model(name).eval()
+    path = tmp_path / "weights.pt"
+    torch.save(source.state_dict(), path)
+
+    native = build_backbone(BackboneConfig(name, pretrained=str(path))).visual.eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(native(x)[0], source.encode_image(x))
+
+    resized = build_backbone(BackboneConfig(name, pretrained=str(path), image_size=image_size)).visual.eval()
+    assert resized.grid_size == grid and resized.image_size == image_size
+    torch.testing.assert_close(resized.visual.conv1.weight, source.visual.conv1.weight)
+    pooled, tokens = resized(torch.randn(1, 3, image_size, image_size))
+    assert tuple(tokens.shape) == (1, grid[0] * grid[1], 128) and torch.isfinite(pooled).all()
+
+
+# --- timm towers (tiny timm test architectures, registered for these tests only) ----------------
+
+_TIMM_TOWERS = {
+    # name: (timm model, timm_pool, timm_proj, embed_dim)
+    "edgeretina-test-timm-resnet": ("test_resnet", "avg", "linear", 32),     # CNN, linear projection
+    "edgeretina-test-timm-vit-map": ("test_vit3", "map", "none", 96),        # SigLIP-like MAP head
+}
+
+
+@pytest.fixture(scope="module")
+def timm_towers(tmp_path_factory):
+    timm = pytest.importorskip("timm")
+    if not {spec[0] for spec in _TIMM_TOWERS.values()} <= set(timm.list_models("test_*")):
+        pytest.skip("this timm has no tiny test architectures")
+    folder = tmp_path_factory.mktemp("timm_configs")
+    text_cfg = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}
+    for name, (model, pool, proj, dim) in _TIMM_TOWERS.items():
+        vision_cfg = {"timm_model_name": model, "timm_model_pretrained": False, "timm_pool": pool,
+                      "timm_proj": proj, "image_size": 160}
+        (folder / f"{name}.json").write_text(json.dumps({"embed_dim": dim, "vision_cfg": vision_cfg,
+                                                         "text_cfg": text_cfg}))
+    open_clip.add_model_config(folder)
+    return list(_TIMM_TOWERS)
+
+
+def test_timm_towers_match_open_clip(timm_towers):
+    for name in timm_towers:
+        reference, build = _reference_and_build(name, None)
+        backbone = build.visual
+        assert backbone.kind == "timm"
+        assert backbone.grid_size == ((5, 5) if "resnet" in name else (10, 10))
+        x = _images(backbone)
+        with torch.no_grad():
+            pooled, tokens = backbone(x)
+            torch.testing.assert_close(pooled, reference.encode_image(x))
+        assert tuple(tokens.shape) == (2, backbone.grid_size[0] * backbone.grid_size[1], _TIMM_TOWERS[name][3])
+        if "resnet" in name:  # average pooling then a linear projection: tokens average to the pooled output
+            torch.testing.assert_close(tokens.mean(dim=1), pooled, rtol=1e-4, atol=1e-5)
+
+
+# --- reference architectures (slow) --------------------------------------------------------------
+
+@slow
+@pytest.mark.slow
+@pytest.mark.parametrize("name, grid, dim", [("ViT-B-16", (14, 14), 512), ("ViT-B-32", (7, 7), 512),
+                                             ("RN50", (7, 7), 1024)])
+def test_reference_architectures_random_init(name, grid, dim):
+    build = build_backbone(BackboneConfig(name), TEXTS)
+    backbone = build.visual.eval()
+    assert backbone.grid_size == grid and backbone.embed_dim == dim and backbone.image_size == 224
+    with torch.no_grad():
+        pooled, tokens = backbone(torch.randn(1, 3, 224, 224))
+    assert tuple(pooled.shape) == (1, dim) and tuple(tokens.shape) == (1, grid[0] * grid[1], dim)
+    assert tuple(build.text_embeddings.shape) == (2, dim)
