@@ -1,0 +1,224 @@
+"""The training loop: AdamW, warm-up + cosine schedule, class-balanced sampling, bf16 autocast on CPU,
+model selection on validation QWK, calibration, and the KNN feature bank of the training cases."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from edgeretina.dataset import LabeledImage, grade_counts, read_labels
+from edgeretina.errors import ConfigError, DatasetError
+from edgeretina.metrics import grading_report
+from edgeretina.preprocess import PreprocessConfig
+from edgeretina.training.calibration import calibrate, ordinal_grades
+from edgeretina.training.checkpoint import Checkpoint, FeatureBank, save_checkpoint
+from edgeretina.training.data import (PreparedSet, augment, balanced_batches, prepare_images, sequential_batches,
+                                      steps_per_epoch, to_model_input)
+from edgeretina.training.losses import LossWeights, grader_loss
+from edgeretina.training.model import GraderModel, ModelConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    labels: Path
+    out: Path                                   # checkpoint file to write
+    model: ModelConfig = field(default_factory=ModelConfig)
+    val_labels: Path | None = None              # default: a stratified split of `labels`
+    val_fraction: float = 0.15
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    backbone_lr_scale: float = 1.0              # use ~0.1 when fine-tuning pretrained weights
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.05
+    ben_graham: bool = False
+    seed: int = 0
+    threads: int | None = None
+    bf16: bool = True
+    workers: int | None = None                  # processes that decode/prepare images
+    max_minutes: float | None = None            # stop early (keeping the best epoch) past this budget
+    loss: LossWeights = field(default_factory=LossWeights)
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError("epochs and batch_size must be at least 1")
+        if not 0.0 < self.val_fraction < 0.9:
+            raise ConfigError("val_fraction must lie between 0 and 0.9")
+        if self.lr <= 0:
+            raise ConfigError("lr must be positive")
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    metrics: dict
+    seconds: float
+
+
+Logger = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def train(config: TrainConfig, log: Logger = _stderr, show_progress: bool = True) -> TrainResult:
+    """Train a GraderModel on a labels.csv and write a self-describing checkpoint."""
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    model = GraderModel(config.model)
+    preprocess = PreprocessConfig(image_size=model.backbone.image_size, mean=tuple(model.backbone.mean),
+                                  std=tuple(model.backbone.std), ben_graham=config.ben_graham)
+    train_items, val_items = _split(config, rng)
+    log(f"data: {len(train_items)} train {grade_counts(train_items)}, {len(val_items)} val {grade_counts(val_items)}")
+    train_set = prepare_images(train_items, preprocess, config.workers)
+    val_set = prepare_images(val_items, preprocess, config.workers)
+    for path, reason in train_set.skipped + val_set.skipped:
+        log(f"skipped {path}: {reason}")
+    optimizer = _optimizer(model, config)
+    steps = steps_per_epoch(len(train_set.grades), config.batch_size)
+    scheduler = _cosine_with_warmup(optimizer, steps * config.epochs, config.warmup_fraction)
+    best_qwk, best_state, history = -math.inf, None, []
+    deadline = started + config.max_minutes * 60 if config.max_minutes else math.inf
+    for epoch in range(config.epochs):
+        losses = _train_epoch(model, train_set, preprocess, optimizer, scheduler, config, rng, steps,
+                              f"epoch {epoch + 1}/{config.epochs}", show_progress)
+        val_out = predict(model, val_set.images, preprocess, config.batch_size)
+        qwk = grading_report(val_set.grades, ordinal_grades(val_out["ordinal_logits"], [0.0] * 4))["qwk"]
+        history.append({"epoch": epoch + 1, "loss": losses, "val_qwk": qwk})
+        log(f"epoch {epoch + 1}: loss {losses['total']:.4f} val QWK {qwk:.4f}")
+        if qwk > best_qwk:
+            best_qwk, best_state = qwk, {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if time.perf_counter() > deadline:
+            log(f"time budget of {config.max_minutes} min reached after epoch {epoch + 1}")
+            break
+    model.load_state_dict(best_state)
+    model.eval()
+    val_out = predict(model, val_set.images, preprocess, config.batch_size)
+    grading = calibrate(val_out["ordinal_logits"], val_set.grades)
+    val_metrics = grading_report(val_set.grades, ordinal_grades(val_out["ordinal_logits"], grading.thresholds))
+    log(f"validation after calibration: QWK {val_metrics['qwk']:.4f}, thresholds "
+        f"{[round(t, 2) for t in grading.thresholds]}, temperature {grading.temperature:.3f}")
+    bank = build_feature_bank(model, train_set, preprocess, config.batch_size)
+    summary = {
+        "train": {"labels": str(config.labels), "n": len(train_set.grades),
+                  "grade_counts": np.bincount(train_set.grades, minlength=5).tolist(),
+                  "skipped": len(train_set.skipped)},
+        "val": {"n": len(val_set.grades), "grade_counts": np.bincount(val_set.grades, minlength=5).tolist()},
+        "schedule": {"epochs_run": len(history), "batch_size": config.batch_size, "lr": config.lr, "seed": config.seed},
+        "history": history,
+        "val_metrics": _scalars(val_metrics),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    path = save_checkpoint(config.out, Checkpoint(model=model, preprocess=preprocess, grading=grading,
+                                                  bank=bank, summary=summary))
+    return TrainResult(checkpoint=path, metrics=summary["val_metrics"], seconds=summary["seconds"])
+
+
+def _split(config: TrainConfig, rng: np.random.Generator) -> tuple[list[LabeledImage], list[LabeledImage]]:
+    items = read_labels(config.labels)
+    if config.val_labels is not None:
+        return items, read_labels(config.val_labels)
+    by_grade: dict[int, list[int]] = {}
+    for i, item in enumerate(items):
+        by_grade.setdefault(item.grade, []).append(i)
+    val_idx: list[int] = []
+    for idx in by_grade.values():
+        take = int(round(len(idx) * config.val_fraction)) if len(idx) > 1 else 0
+        val_idx.extend(rng.permutation(idx)[:take].tolist())
+    if not val_idx:
+        raise DatasetError(f"{config.labels}: too few images for a validation split; pass val_labels")
+    chosen = set(val_idx)
+    return [it for i, it in enumerate(items) if i not in chosen], [items[i] for i in sorted(chosen)]
+
+
+def _optimizer(model: GraderModel, config: TrainConfig) -> torch.optim.Optimizer:
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        in_backbone = name.startswith("backbone.")
+        decay = param.ndim >= 2                       # no weight decay on biases, norms, scales
+        groups.setdefault((in_backbone, decay), []).append(param)
+    return torch.optim.AdamW([
+        {"params": params, "lr": config.lr * (config.backbone_lr_scale if bb else 1.0),
+         "weight_decay": config.weight_decay if decay else 0.0}
+        for (bb, decay), params in groups.items()
+    ])
+
+
+def _cosine_with_warmup(optimizer, total_steps: int, warmup_fraction: float):
+    warmup = max(1, int(total_steps * warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _train_epoch(model, data: PreparedSet, preprocess, optimizer, scheduler, config: TrainConfig,
+                 rng, steps: int, label: str, show_progress: bool) -> dict[str, float]:
+    model.train()
+    totals: dict[str, float] = {}
+    batches = balanced_batches(data.grades, config.batch_size, steps, rng)
+    for idx in _progress(batches, steps, label, show_progress):
+        images = to_model_input(augment(data.images[idx], rng), preprocess)
+        grades = torch.from_numpy(data.grades[idx])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            outputs = model(images)
+        loss, parts = grader_loss(outputs, grades, config.loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        for key, value in {"total": float(loss.detach()), **parts}.items():
+            totals[key] = totals.get(key, 0.0) + value / steps
+    return totals
+
+
+def _progress(iterable, total: int, label: str, enabled: bool):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, total=total, desc=label, leave=False, file=sys.stderr)
+
+
+@torch.no_grad()
+def predict(model: GraderModel, images_u8: np.ndarray, preprocess: PreprocessConfig,
+            batch_size: int = 64) -> dict[str, np.ndarray]:
+    """Run the model in eval mode over prepared uint8 images; returns the exported outputs as numpy."""
+    model.eval()
+    chunks: dict[str, list[np.ndarray]] = {}
+    for idx in sequential_batches(len(images_u8), batch_size):
+        out = model(to_model_input(images_u8[idx], preprocess))
+        for name in model.output_names:
+            chunks.setdefault(name, []).append(out[name].float().numpy())
+    return {name: np.concatenate(parts) for name, parts in chunks.items()}
+
+
+def build_feature_bank(model: GraderModel, data: PreparedSet, preprocess: PreprocessConfig,
+                       batch_size: int = 64) -> FeatureBank:
+    embeddings = predict(model, data.images, preprocess, batch_size)["embedding"]
+    return FeatureBank(embeddings=embeddings.astype(np.float32), grades=data.grades.copy(),
+                       case_ids=list(data.case_ids))
+
+
+def _scalars(report: dict) -> dict:
+    return {k: v for k, v in report.items() if isinstance(v, (int, float)) or v is None}

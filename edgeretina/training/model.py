@@ -1,0 +1,128 @@
+"""GraderModel: an open_clip vision tower, a projection head and four heads that all run in one pass.
+
+- prototype logits: cosine similarity of the projected image embedding to one frozen text embedding
+  per grade (RetinaScan, TWLR), times a learned scale;
+- CORAL ordinal head: one shared weight vector and K-1 biases give K-1 cumulative logits
+  (Cao, Mirjalili & Raschka 2020) — rank-consistent by construction;
+- saliency: the same prototype similarity applied to every patch token; a patch's disease evidence is
+  how much closer it sits to the nearest disease prototype than to the healthy one (CLPI-style patch
+  attention; no autograd needed on the device);
+- optional lesion head: per-patch lesion logits, image-level presence by global max pooling (CLPI, SiAN).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeretina.errors import ConfigError
+from edgeretina.grades import LESION_CODES, NUM_GRADES, grade_texts, lesion_texts
+from edgeretina.training.backbone import BackboneConfig, build_backbone
+
+OUTPUT_NAMES = ("ordinal_logits", "prototype_logits", "embedding", "saliency")
+LESION_OUTPUT = "lesion_logits"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    lesion_head: bool = False
+    projection_hidden: int = 0          # 0: a single linear projection; >0: a two-layer MLP
+    init_logit_scale: float = 10.0      # CLIP-style temperature for the cosine similarities
+
+    def to_dict(self) -> dict:
+        return {"backbone": self.backbone.to_dict(), "lesion_head": self.lesion_head,
+                "projection_hidden": self.projection_hidden, "init_logit_scale": self.init_logit_scale}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        unknown = set(data) - {"backbone", "lesion_head", "projection_hidden", "init_logit_scale"}
+        if unknown:
+            raise ConfigError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(backbone=BackboneConfig.from_dict(data["backbone"]),
+                   lesion_head=bool(data.get("lesion_head", False)),
+                   projection_hidden=int(data.get("projection_hidden", 0)),
+                   init_logit_scale=float(data.get("init_logit_scale", 10.0)))
+
+
+class GraderModel(nn.Module):
+    def __init__(self, config: ModelConfig, *, for_checkpoint: bool = False):
+        """Build the backbone (pretrained weights if configured) and embed the grade and lesion texts.
+
+        for_checkpoint: the weights and prototypes will come from load_state_dict, so neither the
+        pretrained weights nor the text tower are touched (nothing to download, nothing to encode).
+        """
+        super().__init__()
+        self.config = config
+        texts = None if for_checkpoint else grade_texts() + lesion_texts()
+        backbone = replace(config.backbone, pretrained=None) if for_checkpoint else config.backbone
+        build = build_backbone(backbone, texts)
+        self.backbone = build.visual
+        dim = self.backbone.embed_dim
+        self.projection = _projection(dim, config.projection_hidden)
+        prototypes = build.text_embeddings
+        if prototypes is None:
+            prototypes = torch.zeros(NUM_GRADES + len(LESION_CODES), dim)
+        self.register_buffer("grade_prototypes", prototypes[:NUM_GRADES].clone())
+        self.register_buffer("lesion_prototypes", prototypes[NUM_GRADES:].clone())
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(config.init_logit_scale)))
+        # CORAL: shared weights, one bias per cumulative task, initialised in descending order.
+        self.coral_weight = nn.Linear(dim, 1, bias=False)
+        self.coral_bias = nn.Parameter(torch.linspace(1.0, -1.0, NUM_GRADES - 1))
+        # Offset of the patch disease evidence so that sigmoid(evidence) starts well below 0.5.
+        self.saliency_bias = nn.Parameter(torch.tensor(-2.0))
+        self.lesion_head = nn.Linear(dim, len(LESION_CODES)) if config.lesion_head else None
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return self.backbone.grid_size
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return OUTPUT_NAMES + ((LESION_OUTPUT,) if self.lesion_head is not None else ())
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        pooled, tokens = self.backbone(images)
+        z = self.projection(pooled)
+        embedding = F.normalize(z, dim=-1)
+        patches = F.normalize(self.projection(tokens), dim=-1)              # [B, N, D]
+        scale = self.logit_scale.exp().clamp(max=100.0)
+        prototypes = F.normalize(self.grade_prototypes, dim=-1)
+        prototype_logits = scale * embedding @ prototypes.t()                 # [B, 5]
+        ordinal_logits = self.coral_weight(z) + self.coral_bias               # [B, 4]
+        patch_sim = patches @ prototypes.t()                                  # [B, N, 5]
+        disease_evidence = scale * (patch_sim[..., 1:].amax(dim=-1) - patch_sim[..., 0]) + self.saliency_bias
+        h, w = self.grid_size
+        out = {
+            "ordinal_logits": ordinal_logits,
+            "prototype_logits": prototype_logits,
+            "embedding": embedding,
+            "saliency": torch.sigmoid(disease_evidence).reshape(-1, h, w),
+            "saliency_logits": disease_evidence.reshape(-1, h, w),           # training only, not exported
+        }
+        if self.lesion_head is not None:
+            out[LESION_OUTPUT] = self.lesion_head(patches).transpose(1, 2).reshape(-1, len(LESION_CODES), h, w)
+        return out
+
+
+def _projection(dim: int, hidden: int) -> nn.Module:
+    if hidden <= 0:
+        return nn.Linear(dim, dim)
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+
+class ExportWrapper(nn.Module):
+    """Returns the exported outputs as a tuple in the order of `names` (what torch.onnx.export wants)."""
+
+    def __init__(self, model: GraderModel):
+        super().__init__()
+        self.model = model
+        self.names = model.output_names
+
+    def forward(self, image: torch.Tensor):
+        out = self.model(image)
+        return tuple(out[name] for name in self.names)

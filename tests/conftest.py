@@ -1,0 +1,61 @@
+"""Shared fixtures: one tiny phantom dataset, one tiny trained model and its bundle per test session.
+
+Everything is real (open_clip tower, torch training, ONNX export, onnxruntime) but tiny: 64 px input,
+a few dozen phantom photographs, two epochs.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+warnings.filterwarnings("ignore", message="No pretrained weights loaded")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("EDGERETINA_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow test: set EDGERETINA_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def phantom_train(tmp_path_factory):
+    from edgeretina.phantom import PhantomConfig, generate_dataset
+
+    return generate_dataset(tmp_path_factory.mktemp("phantom_train"), n=60, seed=11,
+                            config=PhantomConfig(size=192), workers=2)
+
+
+@pytest.fixture(scope="session")
+def phantom_test(tmp_path_factory):
+    from edgeretina.phantom import PhantomConfig, generate_dataset
+
+    return generate_dataset(tmp_path_factory.mktemp("phantom_test"), n=12, seed=12,
+                            config=PhantomConfig(size=192), workers=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(phantom_train, tmp_path_factory):
+    from edgeretina.training.backbone import BackboneConfig
+    from edgeretina.training.loop import TrainConfig, train
+    from edgeretina.training.model import ModelConfig
+
+    out = tmp_path_factory.mktemp("ckpt") / "checkpoint.pt"
+    config = TrainConfig(labels=phantom_train, out=out, epochs=2, batch_size=16, val_fraction=0.2,
+                         model=ModelConfig(backbone=BackboneConfig(image_size=64)), workers=1)
+    return train(config, log=lambda _: None, show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def onnx_bundle(tiny_checkpoint, phantom_test, tmp_path_factory):
+    from edgeretina.export import ExportConfig, export
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-onnx"
+    return export(ExportConfig(checkpoint=tiny_checkpoint.checkpoint, out=out, reference_images=phantom_test,
+                               reference_count=8), log=lambda _: None)

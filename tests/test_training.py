@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+import torch
+
+from edgeretina.errors import CheckpointError
+from edgeretina.grades import NUM_GRADES
+from edgeretina.training.backbone import BackboneConfig
+from edgeretina.training.calibration import calibrate, fit_temperature, fit_thresholds, ordinal_grades
+from edgeretina.training.checkpoint import load_checkpoint
+from edgeretina.training.losses import coral_loss, coral_targets
+from edgeretina.training.model import GraderModel, ModelConfig
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return GraderModel(ModelConfig(backbone=BackboneConfig(image_size=64), lesion_head=True)).eval()
+
+
+def test_forward_gives_every_head_in_one_pass(tiny_model):
+    out = tiny_model(torch.randn(3, 3, 64, 64))
+    h, w = tiny_model.grid_size
+    assert out["ordinal_logits"].shape == (3, NUM_GRADES - 1)
+    assert out["prototype_logits"].shape == (3, NUM_GRADES)
+    assert torch.allclose(out["embedding"].norm(dim=1), torch.ones(3), atol=1e-5)
+    assert out["saliency"].shape == (3, h, w)
+    assert float(out["saliency"].min()) >= 0.0 and float(out["saliency"].max()) <= 1.0
+    assert out["lesion_logits"].shape == (3, 6, h, w)
+    assert tiny_model.output_names[-1] == "lesion_logits"
+
+
+def test_text_prototypes_are_frozen_unit_buffers(tiny_model):
+    names = {name for name, _ in tiny_model.named_parameters()}
+    assert "grade_prototypes" not in names
+    norms = tiny_model.grade_prototypes.norm(dim=1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+    # distinct texts give distinct prototypes
+    sims = tiny_model.grade_prototypes @ tiny_model.grade_prototypes.T
+    assert float((sims - torch.eye(5)).abs().max()) < 0.9999
+
+
+def test_coral_targets_and_loss():
+    grades = torch.tensor([0, 2, 4])
+    assert coral_targets(grades).tolist() == [[0, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    good = torch.tensor([[-9.0, -9, -9, -9], [9, 9, -9, -9], [9, 9, 9, 9]])
+    assert float(coral_loss(good, grades)) < 1e-3 < float(coral_loss(-good, grades))
+
+
+def test_calibration_recovers_shifted_thresholds():
+    rng = np.random.default_rng(0)
+    grades = rng.integers(0, 5, 2000)
+    # logits of a model that is right but whose second cut-off sits 1.5 too high
+    logits = (grades[:, None] - np.arange(4)[None, :] - 0.5) * 3.0 + rng.normal(0, 0.5, (2000, 4))
+    logits[:, 1] += 1.5
+    shifted = ordinal_grades(logits, [0, 0, 0, 0])
+    thresholds = fit_thresholds(logits, grades)
+    assert thresholds[1] == pytest.approx(1.5, abs=0.4)
+    assert (ordinal_grades(logits, thresholds) == grades).mean() > (shifted == grades).mean()
+    assert 0.05 < fit_temperature(logits, grades) < 20
+    assert calibrate(logits, grades).thresholds == thresholds
+
+
+def test_training_writes_a_self_describing_checkpoint(tiny_checkpoint):
+    ckpt = load_checkpoint(tiny_checkpoint.checkpoint)
+    assert ckpt.preprocess.image_size == 64
+    assert ckpt.model_config.backbone.name == "edgeretina-tiny-vit"
+    assert ckpt.bank is not None and ckpt.bank.embeddings.shape[1] == ckpt.model.backbone.embed_dim
+    assert len(ckpt.bank.case_ids) == len(ckpt.bank.grades) == ckpt.summary["train"]["n"]
+    assert ckpt.summary["schedule"]["epochs_run"] == 2
+    assert "qwk" in ckpt.summary["val_metrics"]
+    # prototypes survive the round trip without re-running the text tower
+    assert float(ckpt.model.grade_prototypes.norm(dim=1).min()) > 0.99
+
+
+def test_bad_checkpoint_is_refused(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    torch.save({"format": "something-else"}, bad)
+    with pytest.raises(CheckpointError, match="not an edgeretina checkpoint"):
+        load_checkpoint(bad)
