@@ -1,0 +1,74 @@
+"""Export a trained checkpoint to a verified bundle: `export(ExportConfig(...))`."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from edgeretina.bundle import Manifest, load_bundle, save_manifest, zip_bundle
+from edgeretina.errors import ExportError
+from edgeretina.export.steps import ExportConfig, ExportContext
+from edgeretina.export.targets import TARGETS, target_steps
+
+__all__ = ["ExportConfig", "export", "TARGETS"]
+
+
+def export(config: ExportConfig, log: Callable[[str], None] = print) -> Path:
+    """Run the target's steps in a staging directory and move the finished bundle into place.
+
+    Nothing is left at `config.out` unless every step (the gate included) succeeded. Returns the bundle path.
+    Raises ExportError (GateError when the artifact disagrees with torch).
+    """
+    steps = target_steps(config.target)
+    out = Path(config.out)
+    if out.exists() and not config.overwrite:
+        raise ExportError(f"{out} already exists (pass overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
+    try:
+        ctx = ExportContext(config=config, staging=staging, log=log)
+        for step in steps:
+            step(ctx)
+            ctx.steps_done.append(step.__name__)
+        save_manifest(staging, _manifest(ctx))
+        load_bundle(staging)  # what we hand out must pass the same strict load a device does
+        return _publish(staging, out, config)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _manifest(ctx: ExportContext) -> Manifest:
+    ckpt = ctx.checkpoint
+    model = ckpt.model
+    h, w = model.grid_size
+    shapes = {"ordinal_logits": ["B", 4], "prototype_logits": ["B", 5], "embedding": ["B", model.backbone.embed_dim],
+              "saliency": ["B", h, w]}
+    if "lesion_logits" in model.output_names:
+        shapes["lesion_logits"] = ["B", model.lesion_head.out_features, h, w]
+    return Manifest(
+        model={"arch": ckpt.model_config.to_dict(), "input_size": ckpt.preprocess.image_size,
+               "preprocess": ckpt.preprocess.to_dict(), "embed_dim": model.backbone.embed_dim,
+               "training": {k: ckpt.summary.get(k) for k in ("train", "val_metrics") if k in ckpt.summary}},
+        outputs={"input": {"name": "image", "shape": ["B", 3, ckpt.preprocess.image_size, ckpt.preprocess.image_size]},
+                 "names": list(model.output_names), "shapes": {n: shapes[n] for n in model.output_names}},
+        grading=ckpt.grading.to_dict(),
+        saliency={"grid": [h, w], "method": "patch-prototype similarity: sigmoid(scale * (max cos to a DR grade "
+                                            "prototype - cos to the no-DR prototype) + bias)"},
+        bank=ctx.bank_info,
+        artifacts=ctx.artifacts,
+        export={"target": ctx.config.target, "opset": ctx.config.opset, "steps": ctx.steps_done,
+                "checkpoint": Path(ctx.config.checkpoint).name, "reference": ctx.reference_source,
+                "gate": ctx.gate},
+    )
+
+
+def _publish(staging: Path, out: Path, config: ExportConfig) -> Path:
+    if config.zip:
+        return zip_bundle(staging, out)
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    staging.chmod(0o755)  # mkdtemp made it private; a bundle is meant to be shared
+    staging.rename(out)
+    return out

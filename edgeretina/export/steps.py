@@ -1,0 +1,59 @@
+"""Export as a list of small steps sharing one context (Polygraphy-style loaders, STYLE.md 5).
+
+A target is a named list of steps; each step reads what earlier steps left in the context and adds its
+own artifact or check. Adding a target adds a preset, not a branch in one big function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+
+from edgeretina.bundle import Artifact
+from edgeretina.errors import ConfigError
+
+GateMode = Literal["fail", "warn", "off"]
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    checkpoint: Path
+    out: Path                               # bundle directory to create (or .zip with zip=True)
+    target: str = "onnx"
+    opset: int = 17
+    reference_images: Path | None = None    # labels.csv or folder of held-out images for the checks
+    reference_count: int = 16
+    gate: GateMode = "fail"
+    overwrite: bool = False
+    zip: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.gate not in ("fail", "warn", "off"):
+            raise ConfigError(f"gate must be fail, warn or off, not {self.gate!r}")
+        if not 7 <= self.opset <= 21:
+            raise ConfigError(f"opset {self.opset} is out of the supported range 7..21")
+        if self.reference_count < 2:
+            raise ConfigError("reference_count must be at least 2")
+
+
+@dataclass
+class ExportContext:
+    config: ExportConfig
+    staging: Path                                   # the bundle being built; moved to config.out at the end
+    checkpoint: Any = None                          # training.checkpoint.Checkpoint
+    reference_inputs: np.ndarray | None = None      # float32 [N, 3, S, S], preprocessed held-out images
+    reference_outputs: dict[str, np.ndarray] = field(default_factory=dict)   # torch outputs on them
+    reference_source: dict[str, Any] = field(default_factory=dict)
+    onnx_path: Path | None = None                   # the current ONNX graph
+    artifacts: list[Artifact] = field(default_factory=list)
+    bank_info: dict[str, Any] | None = None
+    gate: dict[str, Any] = field(default_factory=dict)
+    steps_done: list[str] = field(default_factory=list)
+    log: Callable[[str], None] = print
+
+
+Step = Callable[[ExportContext], None]

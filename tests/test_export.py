@@ -1,0 +1,81 @@
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from edgeretina.bundle import load_bundle
+from edgeretina.errors import ExportError, GateError
+from edgeretina.export import ExportConfig, export
+from edgeretina.export import targets as targets_module
+from edgeretina.export.onnx_steps import export_onnx_fp32
+from edgeretina.runtime.backends import create_runner
+from edgeretina.training.checkpoint import load_checkpoint
+from edgeretina.training.loop import predict
+from edgeretina.dataset import read_labels
+from edgeretina.preprocess import decode_image, normalize, prepare
+
+
+def test_bundle_layout_and_manifest(onnx_bundle):
+    bundle = load_bundle(onnx_bundle)
+    m = bundle.manifest
+    assert {a.file for a in m.artifacts} == {"model.onnx", "bank.npz"}
+    assert m.outputs["names"] == ["ordinal_logits", "prototype_logits", "embedding", "saliency"]
+    assert m.outputs["shapes"]["saliency"][1:] == m.saliency["grid"]
+    assert m.model["preprocess"]["image_size"] == 64
+    assert m.bank["count"] > 0 and m.bank["dim"] == m.model["embed_dim"]
+    assert m.export["gate"]["onnx-fp32"]["passed"] is True
+    assert m.export["steps"][0] == "load_reference"
+
+
+def test_onnx_graph_contract(onnx_bundle):
+    graph = onnx.load(str(onnx_bundle / "model.onnx"))
+    onnx.checker.check_model(graph)
+    assert [i.name for i in graph.graph.input] == ["image"]
+    batch = graph.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch.dim_param == "B"                              # dynamic batch
+    assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) <= 17
+
+
+def test_onnxruntime_matches_torch_on_held_out_images(onnx_bundle, tiny_checkpoint, phantom_test):
+    ckpt = load_checkpoint(tiny_checkpoint.checkpoint)
+    prepared = np.stack([prepare(decode_image(i.path), ckpt.preprocess)[0] for i in read_labels(phantom_test)])
+    torch_out = predict(ckpt.model, prepared, ckpt.preprocess)
+    ort_out = create_runner("onnxruntime", onnx_bundle / "model.onnx").run(normalize(prepared, ckpt.preprocess))
+    for name in ("ordinal_logits", "prototype_logits", "embedding", "saliency"):
+        np.testing.assert_allclose(ort_out[name], torch_out[name], atol=2e-4, rtol=1e-3, err_msg=name)
+    # batch 1 works too (dynamic axis)
+    single = create_runner("onnxruntime", onnx_bundle / "model.onnx").run(normalize(prepared[:1], ckpt.preprocess))
+    np.testing.assert_allclose(single["embedding"], torch_out["embedding"][:1], atol=2e-4)
+
+
+def test_existing_output_is_not_overwritten(onnx_bundle, tiny_checkpoint):
+    with pytest.raises(ExportError, match="already exists"):
+        export(ExportConfig(checkpoint=tiny_checkpoint.checkpoint, out=onnx_bundle), log=lambda _: None)
+
+
+def _corrupt_largest_weight(ctx):
+    graph = onnx.load(str(ctx.onnx_path))
+    largest = max(graph.graph.initializer, key=lambda t: np.prod(t.dims))
+    values = onnx.numpy_helper.to_array(largest).copy()
+    values *= -3.0
+    largest.CopyFrom(onnx.numpy_helper.from_array(values, largest.name))
+    onnx.save(graph, str(ctx.onnx_path))
+
+
+def test_gate_refuses_a_corrupted_graph(tiny_checkpoint, phantom_test, tmp_path, monkeypatch):
+    steps = list(targets_module.TARGETS["onnx"])
+    steps.insert(steps.index(export_onnx_fp32) + 1, _corrupt_largest_weight)
+    monkeypatch.setitem(targets_module.TARGETS, "onnx", steps)
+    out = tmp_path / "corrupt"
+    with pytest.raises(GateError) as info:
+        export(ExportConfig(checkpoint=tiny_checkpoint.checkpoint, out=out, reference_images=phantom_test,
+                            reference_count=8), log=lambda _: None)
+    assert any("embedding_cosine" in f for f in info.value.failures)
+    assert not out.exists()                                    # nothing half-made is left behind
+    assert not list(tmp_path.glob(".export-*"))
+    # with --gate warn the same export lands and records the failure
+    export(ExportConfig(checkpoint=tiny_checkpoint.checkpoint, out=out, reference_images=phantom_test,
+                        reference_count=8, gate="warn"), log=lambda _: None)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["export"]["gate"]["onnx-fp32"]["passed"] is False
