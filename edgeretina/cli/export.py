@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from edgeretina.cli import app
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint written by `edgeretina train`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle directory (or .zip with --zip) to create.")],
+    target: Annotated[str, typer.Option("--target", "-t", help="Export target preset.")] = "onnx",
+    reference: Annotated[Optional[Path], typer.Option("--reference", help="Held-out images (labels.csv or folder) for the gate.")] = None,
+    gate: Annotated[str, typer.Option("--gate", help="fail | warn | off")] = "fail",
+    opset: Annotated[int, typer.Option("--opset")] = 17,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing bundle.")] = False,
+    as_zip: Annotated[bool, typer.Option("--zip", help="Write the bundle as one .zip file.")] = False,
+) -> None:
+    """Export a checkpoint to a verified bundle (ONNX, feature bank, manifest)."""
+    from edgeretina.export import ExportConfig, export as run_export
+
+    config = ExportConfig(checkpoint=checkpoint, out=out, target=target, reference_images=reference, gate=gate,
+                          opset=opset, overwrite=overwrite, zip=as_zip)
+    path = run_export(config, log=lambda line: typer.echo(line, err=True))
+    typer.echo(str(path))

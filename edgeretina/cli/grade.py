@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from edgeretina.cli import app
+from edgeretina.cli._options import BundleOption, ThreadsOption
+
+EXIT_SOME_FAILED = 3
+
+
+@app.command()
+def grade(
+    paths: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.")],
+    bundle: BundleOption,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the records as JSON.")] = False,
+    csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Also write the records to this CSV file.")] = None,
+    overlays: Annotated[Optional[Path], typer.Option("--overlays", help="Folder for saliency overlay PNGs.")] = None,
+    backend: Annotated[Optional[str], typer.Option("--backend", help="Inference backend (default: from the bundle).")] = None,
+    threads: ThreadsOption = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
+) -> None:
+    """Grade fundus photographs with an exported bundle. Exit code 3 when any file failed."""
+    from edgeretina.runtime.batch import grade_paths
+    from edgeretina.runtime.grader import Grader
+    from edgeretina.runtime.report import format_table, records_json, write_csv
+
+    grader = Grader(bundle, backend=backend, threads=threads)
+    records = grade_paths(grader, paths, overlays=overlays, batch_size=batch_size)
+    if csv_path is not None:
+        write_csv(csv_path, records)
+    typer.echo(records_json(records) if as_json else format_table(records))
+    if any(r.error for r in records):
+        raise typer.Exit(EXIT_SOME_FAILED)

@@ -1,0 +1,35 @@
+"""One interface for every inference backend (Polygraphy's runner habit, STYLE.md 4)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+
+from edgeretina.errors import BackendError
+
+INPUT_NAME = "image"
+
+
+class Runner(ABC):
+    """Runs one exported graph: `image` float32 [B, 3, S, S] in, named outputs out."""
+
+    name: str = "base"
+
+    def __init__(self, model_path: Path, threads: int | None = None, device: str | None = None):
+        self.model_path = Path(model_path)
+        self.threads = threads
+        self.device = device
+
+    @abstractmethod
+    def _infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        ...
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        if images.dtype != np.float32 or images.ndim != 4 or images.shape[1] != 3:
+            raise BackendError(f"{self.name}: expected float32 [B, 3, H, W], got {images.dtype} {images.shape}")
+        return self._infer(np.ascontiguousarray(images))
+
+    def describe(self) -> dict[str, object]:
+        return {"backend": self.name, "threads": self.threads, "device": self.device}

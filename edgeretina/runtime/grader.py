@@ -1,0 +1,169 @@
+"""Grader: fundus photographs in, one record per image out — on the device, without torch.
+
+Per image: decode -> field of view + quality gate -> shared preprocessing -> one forward pass of the
+exported graph (grade logits, embedding, saliency in one go) -> calibrated post-processing from the
+manifest -> nearest training cases from the bank. A file that fails gets an error record; the batch
+goes on. Rendering, reports and folder watching live beside this class, not inside it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from edgeretina.bundle import Bundle, load_bundle
+from edgeretina.errors import BackendError, EdgeRetinaError
+from edgeretina.grades import GradingConfig, grade_name
+from edgeretina.preprocess import Geometry, PreprocessConfig, decode_image, detect_fov, normalize, prepare
+from edgeretina.quality import assess_quality
+from edgeretina.runtime.backends import available_backends, create_runner, formats_for
+from edgeretina.runtime.knn import FeatureBank
+from edgeretina.runtime.postprocess import grade_results
+
+
+@dataclass
+class GradeRecord:
+    file: str
+    gradable: bool | None = None
+    quality: dict | None = None
+    grade: int | None = None
+    grade_name: str | None = None
+    probabilities: list[float] | None = None
+    referable_probability: float | None = None
+    referable: bool | None = None
+    screening: str | None = None            # "negative" | "referable" | "ungradable"; None on error
+    neighbors: list[dict] = field(default_factory=list)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    overlay: str | None = None              # path of the saliency overlay, when one was written
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass
+class GradedImage:
+    """A record plus what an overlay needs (kept out of the JSON record)."""
+
+    record: GradeRecord
+    image: np.ndarray | None = None          # decoded RGB photo
+    geometry: Geometry | None = None
+    saliency: np.ndarray | None = None       # [h, w] grid over the model input
+
+
+@dataclass
+class _Pending:
+    graded: GradedImage
+    prepared: np.ndarray
+
+
+class Grader:
+    def __init__(self, bundle: Bundle | str | os.PathLike, backend: str | None = None,
+                 threads: int | None = None, device: str | None = None):
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        manifest = self.bundle.manifest
+        self.preprocess = PreprocessConfig.from_dict(manifest.model["preprocess"])
+        self.grading = GradingConfig.from_dict(manifest.grading)
+        self.backend = backend or self._pick_backend()
+        model_artifact = self._model_artifact(self.backend)
+        self.precision = model_artifact.precision
+        self.runner = create_runner(self.backend, self.bundle.path(model_artifact), threads=threads, device=device)
+        self.bank = FeatureBank.load(self.bundle.root / manifest.bank["file"]) if manifest.bank else None
+        self.k = int(manifest.bank.get("k", 5)) if manifest.bank else 0
+
+    def _pick_backend(self) -> str:
+        formats = {a.format for a in self.bundle.manifest.artifacts_with_role("model")}
+        for backend in available_backends():
+            if formats & set(formats_for(backend)):
+                return backend
+        raise BackendError(f"no installed backend runs this bundle's model formats ({', '.join(sorted(formats))})")
+
+    def _model_artifact(self, backend: str):
+        for artifact in self.bundle.manifest.artifacts_with_role("model"):
+            if artifact.format in formats_for(backend):
+                return artifact
+        raise BackendError(f"backend {backend} cannot run this bundle (it runs {', '.join(formats_for(backend))})")
+
+    def grade(self, paths: Iterable[str | os.PathLike], batch_size: int = 8) -> list[GradeRecord]:
+        return [graded.record for graded in self.grade_iter(paths, batch_size)]
+
+    def grade_iter(self, paths: Iterable[str | os.PathLike], batch_size: int = 8) -> Iterator[GradedImage]:
+        """Grade images in batches, yielding each as soon as its batch is done, in input order."""
+        batch: list[str] = []
+        for path in paths:
+            batch.append(str(path))
+            if len(batch) == batch_size:
+                yield from self._grade_batch(batch)
+                batch = []
+        if batch:
+            yield from self._grade_batch(batch)
+
+    def _grade_batch(self, paths: list[str]) -> list[GradedImage]:
+        pending, done = [], []
+        for path in paths:
+            graded, prepared = self._load(path)
+            done.append(graded)
+            if prepared is not None:
+                pending.append(_Pending(graded, prepared))
+        if pending:
+            try:
+                self._infer(pending)
+            except EdgeRetinaError as exc:
+                for item in pending:
+                    item.graded.record.error = f"inference failed: {exc}"
+        return done
+
+    def _load(self, path: str) -> tuple[GradedImage, np.ndarray | None]:
+        record = GradeRecord(file=path)
+        graded = GradedImage(record=record)
+        started = time.perf_counter()
+        try:
+            rgb = decode_image(path)
+        except EdgeRetinaError as exc:
+            record.error = str(exc)
+            return graded, None
+        decoded = time.perf_counter()
+        fov = detect_fov(rgb)
+        quality = assess_quality(rgb, fov)
+        record.gradable = quality.gradable
+        record.quality = quality.to_dict()
+        checked = time.perf_counter()
+        record.timings_ms.update(decode=_ms(decoded - started), quality=_ms(checked - decoded))
+        graded.image = rgb
+        if not quality.gradable:
+            record.screening = "ungradable"
+            return graded, None
+        prepared, graded.geometry = prepare(rgb, self.preprocess, fov)
+        record.timings_ms["preprocess"] = _ms(time.perf_counter() - checked)
+        return graded, prepared
+
+    def _infer(self, pending: list[_Pending]) -> None:
+        started = time.perf_counter()
+        inputs = normalize(np.stack([p.prepared for p in pending]), self.preprocess)
+        outputs = self.runner.run(inputs)
+        inferred = time.perf_counter()
+        results = grade_results(outputs["ordinal_logits"], self.grading)
+        neighbors = self.bank.search(outputs["embedding"], self.k) if self.bank is not None else [[]] * len(pending)
+        finished = time.perf_counter()
+        per_image = 1.0 / len(pending)
+        for i, (item, result) in enumerate(zip(pending, results)):
+            record = item.graded.record
+            record.grade = result.grade
+            record.grade_name = grade_name(result.grade)
+            record.probabilities = result.probabilities
+            record.referable_probability = result.referable_probability
+            record.referable = result.referable
+            record.screening = "referable" if result.referable else "negative"
+            record.neighbors = [n.to_dict() for n in neighbors[i]]
+            record.timings_ms.update(inference=_ms((inferred - started) * per_image),
+                                     postprocess=_ms((finished - inferred) * per_image))
+            item.graded.saliency = outputs["saliency"][i]
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)

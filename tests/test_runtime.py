@@ -1,0 +1,130 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from edgeretina.dataset import read_labels
+from edgeretina.runtime import Grader
+from edgeretina.runtime.batch import expand_inputs, grade_paths
+from edgeretina.training.checkpoint import load_checkpoint
+from edgeretina.training.loop import predict
+from edgeretina.preprocess import decode_image, prepare
+from edgeretina.grades import GradingConfig
+from edgeretina.runtime.postprocess import grade_results
+
+RECORD_KEYS = {"file", "gradable", "quality", "grade", "probabilities", "referable", "neighbors", "error"}
+
+
+def test_runtime_import_leaves_torch_out():
+    code = ("import sys, edgeretina.runtime, edgeretina.runtime.batch, edgeretina.runtime.report, edgeretina.cli; "
+            "heavy = [m for m in ('torch', 'open_clip', 'onnx', 'edgeretina.training', 'edgeretina.export') "
+            "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def grader(onnx_bundle):
+    return Grader(onnx_bundle, threads=1)
+
+
+def test_grades_match_torch_on_the_same_photos(grader, tiny_checkpoint, phantom_test):
+    items = read_labels(phantom_test)
+    records = grader.grade([i.path for i in items])
+    ckpt = load_checkpoint(tiny_checkpoint.checkpoint)
+    gradable = [(i, r) for i, r in zip(items, records) if r.gradable]
+    assert gradable, "the quality gate rejected every phantom photograph"
+    prepared = np.stack([prepare(decode_image(i.path), ckpt.preprocess)[0] for i, _ in gradable])
+    expected = grade_results(predict(ckpt.model, prepared, ckpt.preprocess)["ordinal_logits"], ckpt.grading)
+    assert [r.grade for _, r in gradable] == [e.grade for e in expected]
+    for _, record in gradable:
+        assert RECORD_KEYS <= set(record.to_dict())
+        assert record.error is None and record.screening in ("negative", "referable")
+        assert len(record.probabilities) == 5 and sum(record.probabilities) == pytest.approx(1.0, abs=1e-5)
+        assert record.referable == (record.referable_probability >= 0.5)
+        assert len(record.neighbors) == grader.k
+        assert record.neighbors[0]["case_id"].startswith("phantom_s11_")   # from the training bank
+        assert {"decode", "quality", "preprocess", "inference"} <= set(record.timings_ms)
+
+
+@pytest.fixture()
+def bad_files(tmp_path, phantom_test):
+    good = read_labels(phantom_test)[0].path
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "notes.jpg").write_text("this is a text file, not a photograph\n")
+    data = Path(good).read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    return good, [tmp_path / "empty.jpg", tmp_path / "notes.jpg", tmp_path / "truncated.jpg", tmp_path / "missing.jpg"]
+
+
+def test_bad_files_get_error_records_and_the_batch_goes_on(grader, bad_files):
+    good, bad = bad_files
+    records = grader.grade([bad[0], good, bad[1], bad[2], bad[3], good], batch_size=4)
+    assert len(records) == 6
+    errors = {Path(r.file).name: r.error for r in records if r.error}
+    assert set(errors) == {"empty.jpg", "notes.jpg", "truncated.jpg", "missing.jpg"}
+    assert "empty" in errors["empty.jpg"]
+    assert "not an image" in errors["notes.jpg"]
+    assert "truncated" in errors["truncated.jpg"]
+    assert "not found" in errors["missing.jpg"]
+    graded = [r for r in records if not r.error]
+    assert len(graded) == 2 and graded[0].grade == graded[1].grade
+    assert all(r.grade is None and r.probabilities is None for r in records if r.error)
+
+
+def test_real_fundus_photograph_with_overlay(grader, tmp_path):
+    skimage_data = pytest.importorskip("skimage.data")
+    photo = tmp_path / "retina.jpg"
+    rgb = skimage_data.retina()
+    cv2.imwrite(str(photo), rgb[..., ::-1])
+    records = grade_paths(grader, [photo], overlays=tmp_path / "overlays")
+    record = records[0]
+    assert record.error is None and record.gradable, record.quality
+    assert record.grade in range(5) and len(record.neighbors) == grader.k
+    overlay = cv2.imread(record.overlay)
+    assert overlay is not None and overlay.shape[:2] == rgb.shape[:2]
+    assert not np.array_equal(overlay[..., ::-1], decode_image(photo))   # something was drawn
+
+
+def test_expand_inputs(tmp_path):
+    (tmp_path / "a").mkdir()
+    for name in ("a/1.jpg", "a/2.PNG", "a/notes.txt", "3.tif"):
+        (tmp_path / name).write_bytes(b"x")
+    found = expand_inputs([tmp_path / "a", str(tmp_path / "*.tif"), tmp_path / "missing.jpg", tmp_path / "a"])
+    names = [Path(p).name for p in found]
+    assert names == ["1.jpg", "2.PNG", "3.tif", "missing.jpg"]
+
+
+def _cli(*args, cwd=None):
+    exe = Path(sys.executable).with_name("edgeretina")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env)
+
+
+def test_cli_lists_the_commands():
+    result = _cli("--help")
+    assert result.returncode == 0, result.stderr
+    for command in ("synth", "train", "export", "grade", "demo"):
+        assert command in result.stdout
+
+
+def test_cli_grade_json_csv_and_exit_code(onnx_bundle, bad_files, tmp_path):
+    good, bad = bad_files
+    out_csv = tmp_path / "results.csv"
+    result = _cli("grade", good, bad[1], "--bundle", onnx_bundle, "--json", "--csv", out_csv)
+    assert result.returncode == 3, result.stderr               # one file failed
+    records = json.loads(result.stdout)
+    assert [r["error"] is None for r in records] == [True, False]
+    assert out_csv.read_text().count("\n") == 3
+
+
+def test_cli_error_is_one_line(tmp_path):
+    result = _cli("grade", "x.jpg", "--bundle", tmp_path / "nope")
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("error: bundle not found")
+    assert "Traceback" not in result.stderr
