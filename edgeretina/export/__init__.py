@@ -27,8 +27,9 @@ def export(config: ExportConfig, log: Callable[[str], None] = print) -> Path:
         raise ExportError(f"{out} already exists (pass overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
+    work = Path(tempfile.mkdtemp(prefix="edgeretina-export-work-"))
     try:
-        ctx = ExportContext(config=config, staging=staging, log=log)
+        ctx = ExportContext(config=config, staging=staging, work=work, log=log)
         for step in steps:
             step(ctx)
             ctx.steps_done.append(step.__name__)
@@ -37,6 +38,7 @@ def export(config: ExportConfig, log: Callable[[str], None] = print) -> Path:
         return _publish(staging, out, config)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _manifest(ctx: ExportContext) -> Manifest:
@@ -60,7 +62,7 @@ def _manifest(ctx: ExportContext) -> Manifest:
         artifacts=ctx.artifacts,
         export={"target": ctx.config.target, "opset": ctx.config.opset, "steps": ctx.steps_done,
                 "checkpoint": Path(ctx.config.checkpoint).name, "reference": ctx.reference_source,
-                "gate": ctx.gate},
+                **ctx.export_info, "gate": ctx.gate},
     )
 
 

@@ -25,6 +25,7 @@ class GateThresholds:
     embedding_cosine: float = 0.999     # minimum over images
     saliency_correlation: float = 0.99  # mean Pearson correlation of the maps
     knn_overlap: float = 0.9            # mean top-k overlap of neighbours in the bank
+    max_size_ratio: float | None = None # model files / FP32 ONNX bytes (compression targets only)
 
 
 FP32_THRESHOLDS = GateThresholds()
@@ -104,14 +105,23 @@ def _knn_overlap(ref: np.ndarray, cand: np.ndarray, bank: np.ndarray, k: int) ->
     return float(np.mean([len(set(r) & set(c)) / k for r, c in zip(top(ref), top(cand))]))
 
 
-def run_gate(ctx: ExportContext, candidate: dict[str, np.ndarray], thresholds: GateThresholds, label: str) -> None:
-    """Compare, record in ctx.gate under `label`, log a table, and enforce the configured mode."""
+def run_gate(ctx: ExportContext, candidate: dict[str, np.ndarray], thresholds: GateThresholds, label: str,
+             model_bytes: int | None = None) -> None:
+    """Compare, record in ctx.gate under `label`, log a table, and enforce the configured mode.
+
+    model_bytes: size of the candidate's model files, checked against thresholds.max_size_ratio of the
+    FP32 ONNX graph when both are known.
+    """
     if ctx.config.gate == "off":
         ctx.gate[label] = {"mode": "off", "passed": None}
         ctx.log(f"gate for {label} skipped (--gate off)")
         return
     bank = ctx.checkpoint.bank.embeddings if ctx.checkpoint.bank is not None else None
     checks = compare(ctx.reference_outputs, candidate, ctx.checkpoint.grading, thresholds, bank)
+    fp32_bytes = ctx.export_info.get("fp32_onnx_bytes")
+    if thresholds.max_size_ratio is not None and model_bytes and fp32_bytes:
+        ctx.export_info["size_ratio"] = round(model_bytes / fp32_bytes, 4)
+        checks.append(Check("size_ratio", model_bytes / fp32_bytes, thresholds.max_size_ratio, False))
     passed = all(c.passed for c in checks)
     ctx.gate[label] = {"checks": {c.name: {"value": round(c.value, 6), "threshold": c.threshold,
                                            "passed": c.passed} for c in checks},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import warnings
 
 import torch
@@ -26,7 +27,7 @@ def export_onnx_fp32(ctx: ExportContext) -> None:
     names = list(wrapper.names)
     size = ctx.checkpoint.preprocess.image_size
     dummy = torch.from_numpy(ctx.reference_inputs[:2]).float()
-    path = ctx.staging / MODEL_FILE
+    path = ctx.work / "model_fp32.onnx"
     dynamic = {"image": {0: "B"}, **{name: {0: "B"} for name in names}}
     try:
         with warnings.catch_warnings(), torch.enable_grad():
@@ -36,8 +37,9 @@ def export_onnx_fp32(ctx: ExportContext) -> None:
                               do_constant_folding=True)
     except Exception as exc:  # the exporter raises many types; one typed error names the cause
         raise ExportError(f"ONNX export failed at opset {ctx.config.opset}: {exc}") from exc
-    ctx.onnx_path = path
-    ctx.log(f"exported {MODEL_FILE} ({path.stat().st_size / 1e6:.1f} MB, opset {ctx.config.opset}, input {size}px)")
+    ctx.onnx_path = ctx.fp32_onnx_path = path
+    ctx.export_info["fp32_onnx_bytes"] = path.stat().st_size
+    ctx.log(f"exported FP32 ONNX ({path.stat().st_size / 1e6:.1f} MB, opset {ctx.config.opset}, input {size}px)")
 
 
 def check_onnx(ctx: ExportContext) -> None:
@@ -59,6 +61,9 @@ def check_onnx(ctx: ExportContext) -> None:
         raise ExportError(f"graph uses opset {opset}, above the requested {ctx.config.opset}")
 
 
-def record_onnx_artifact(ctx: ExportContext, precision: str = "fp32") -> None:
-    ctx.artifacts.append(describe_artifact(ctx.staging, ctx.onnx_path.name, fmt="onnx", role="model",
+def ship_onnx(ctx: ExportContext, precision: str = "fp32") -> None:
+    """Copy the current ONNX graph into the bundle as model.onnx and describe it in the manifest."""
+    shutil.copyfile(ctx.onnx_path, ctx.staging / MODEL_FILE)
+    ctx.onnx_path = ctx.staging / MODEL_FILE
+    ctx.artifacts.append(describe_artifact(ctx.staging, MODEL_FILE, fmt="onnx", role="model",
                                            precision=precision, target=ctx.config.target))

@@ -1,7 +1,9 @@
-"""Load the checkpoint and compute the torch reference outputs on held-out images."""
+"""Images the export checks itself on: the held-out reference set (the gate) and the calibration set
+(post-training quantization). Both go through the shared preprocessing, exactly as on the device."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -9,35 +11,52 @@ import numpy as np
 from edgeretina.dataset import read_labels
 from edgeretina.errors import ExportError
 from edgeretina.export.steps import ExportContext
-from edgeretina.preprocess import decode_image, normalize, prepare
+from edgeretina.preprocess import PreprocessConfig, decode_image, normalize, prepare
 from edgeretina.training.checkpoint import load_checkpoint
 from edgeretina.training.loop import predict
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
+# Phantom seeds far from the ones `edgeretina synth` and the demo use, so the sets are held out.
+REFERENCE_SEED_BASE = 10_000_019
+CALIBRATION_SEED_BASE = 20_000_003
+MIN_CALIBRATION_IMAGES = 32   # below this, activation ranges are estimated from too few samples
 
 
 def load_reference(ctx: ExportContext) -> None:
+    """Load the checkpoint and record the torch reference outputs on the held-out images."""
     ckpt = load_checkpoint(ctx.config.checkpoint)
     ctx.checkpoint = ckpt
-    prepared, source = _reference_images(ctx)
+    prepared, source = load_images(ctx.config.reference_images, ctx.config.reference_count, ckpt.preprocess,
+                                   REFERENCE_SEED_BASE + ctx.config.seed * 1_000)
     ctx.reference_inputs = normalize(prepared, ckpt.preprocess)
     ctx.reference_outputs = predict(ckpt.model, prepared, ckpt.preprocess, batch_size=16)
     ctx.reference_source = source
 
 
-def _reference_images(ctx: ExportContext) -> tuple[np.ndarray, dict]:
-    config, preprocess = ctx.config, ctx.checkpoint.preprocess
-    if config.reference_images is None:
-        # No held-out set given: phantom photographs from a seed the training set did not use.
+def load_calibration(ctx: ExportContext) -> None:
+    """The calibration set for post-training quantization, with its hash recorded in the manifest."""
+    config = ctx.config
+    prepared, source = load_images(config.calibration_images, config.calibration_count, ctx.checkpoint.preprocess,
+                                   CALIBRATION_SEED_BASE + config.seed * 1_000)
+    if len(prepared) < MIN_CALIBRATION_IMAGES:
+        ctx.log(f"warning: only {len(prepared)} calibration images; {MIN_CALIBRATION_IMAGES}+ from the target "
+                "camera give steadier activation ranges")
+    ctx.calibration_inputs = normalize(prepared, ctx.checkpoint.preprocess)
+    ctx.export_info["calibration"] = {**source, "sha256": hashlib.sha256(prepared.tobytes()).hexdigest()}
+
+
+def load_images(source: Path | None, count: int, preprocess: PreprocessConfig, phantom_seed: int) -> tuple[np.ndarray, dict]:
+    """Prepared uint8 images [N, S, S, 3] from a labels.csv or folder, or phantom photographs when None."""
+    if source is None:
         from edgeretina.phantom import PhantomConfig, render_case
-        seeds = [10_000_019 + config.seed * 1_000 + i for i in range(config.reference_count)]
+        seeds = [phantom_seed + i for i in range(count)]
         images = [prepare(render_case(s, PhantomConfig(size=384)).image, preprocess)[0] for s in seeds]
         return np.stack(images), {"source": "phantom", "count": len(images), "seeds": [seeds[0], seeds[-1]]}
-    paths = _image_paths(Path(config.reference_images))[: config.reference_count]
+    paths = _image_paths(Path(source))[:count]
     if len(paths) < 2:
-        raise ExportError(f"need at least 2 reference images in {config.reference_images}")
+        raise ExportError(f"need at least 2 images in {source}, found {len(paths)}")
     images = [prepare(decode_image(p), preprocess)[0] for p in paths]
-    return np.stack(images), {"source": str(config.reference_images), "count": len(images)}
+    return np.stack(images), {"source": str(source), "count": len(images)}
 
 
 def _image_paths(source: Path) -> list[Path]:
@@ -45,4 +64,4 @@ def _image_paths(source: Path) -> list[Path]:
         return [item.path for item in read_labels(source)]
     if source.is_dir():
         return sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    raise ExportError(f"reference images must be a labels.csv or a folder: {source}")
+    raise ExportError(f"image set must be a labels.csv or a folder: {source}")

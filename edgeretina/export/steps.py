@@ -23,7 +23,10 @@ class ExportConfig:
     checkpoint: Path
     out: Path                               # bundle directory to create (or .zip with zip=True)
     target: str = "onnx"
+    precision: str | None = None            # target default when None (e.g. int8 for cpu, fp16 for jetson)
     opset: int = 17
+    calibration_images: Path | None = None  # labels.csv or folder from the target camera; default: phantom set
+    calibration_count: int = 64
     reference_images: Path | None = None    # labels.csv or folder of held-out images for the checks
     reference_count: int = 16
     gate: GateMode = "fail"
@@ -38,17 +41,23 @@ class ExportConfig:
             raise ConfigError(f"opset {self.opset} is out of the supported range 7..21")
         if self.reference_count < 2:
             raise ConfigError("reference_count must be at least 2")
+        if self.calibration_count < 1:
+            raise ConfigError("calibration_count must be at least 1")
 
 
 @dataclass
 class ExportContext:
     config: ExportConfig
     staging: Path                                   # the bundle being built; moved to config.out at the end
+    work: Path                                      # scratch space for intermediates (never shipped)
     checkpoint: Any = None                          # training.checkpoint.Checkpoint
     reference_inputs: np.ndarray | None = None      # float32 [N, 3, S, S], preprocessed held-out images
     reference_outputs: dict[str, np.ndarray] = field(default_factory=dict)   # torch outputs on them
     reference_source: dict[str, Any] = field(default_factory=dict)
-    onnx_path: Path | None = None                   # the current ONNX graph
+    onnx_path: Path | None = None                   # the current ONNX graph (in work/ until a step ships it)
+    fp32_onnx_path: Path | None = None              # the FP32 reference graph, for size and fidelity ratios
+    calibration_inputs: np.ndarray | None = None    # float32 [N, 3, S, S] for post-training quantization
+    export_info: dict[str, Any] = field(default_factory=dict)   # merged into manifest["export"]
     artifacts: list[Artifact] = field(default_factory=list)
     bank_info: dict[str, Any] | None = None
     gate: dict[str, Any] = field(default_factory=dict)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from edgeretina.errors import ConfigError
 from edgeretina.export.bank import write_bank
 from edgeretina.export.gate import FP32_THRESHOLDS, run_gate
-from edgeretina.export.onnx_steps import check_onnx, export_onnx_fp32, record_onnx_artifact
+from edgeretina.export.onnx_steps import check_onnx, export_onnx_fp32, ship_onnx
 from edgeretina.export.reference import load_reference
 from edgeretina.export.steps import ExportContext, Step
 
@@ -19,7 +19,7 @@ def gate_onnx_fp32(ctx: ExportContext) -> None:
 
 
 TARGETS: dict[str, list[Step]] = {
-    "onnx": [load_reference, export_onnx_fp32, check_onnx, gate_onnx_fp32, record_onnx_artifact, write_bank],
+    "onnx": [load_reference, export_onnx_fp32, check_onnx, gate_onnx_fp32, ship_onnx, write_bank],
 }
 
 
