@@ -82,3 +82,18 @@ def test_bad_checkpoint_is_refused(tmp_path):
     torch.save({"format": "something-else"}, bad)
     with pytest.raises(CheckpointError, match="not an edgeretina checkpoint"):
         load_checkpoint(bad)
+
+
+def test_schedule_fits_the_time_budget():
+    import time as _time
+    from edgeretina.training.loop import _WarmupCosine, _epochs_within_budget
+
+    schedule = _WarmupCosine(total_steps=100, warmup_fraction=0.1)
+    assert schedule(0) == pytest.approx(0.1) and schedule(9) == pytest.approx(1.0)
+    assert schedule(99) < 0.01
+    schedule.total_steps = 50                        # shortened: the decay now ends at step 50
+    assert schedule(49) < 0.01 < schedule(30)
+    deadline = _time.perf_counter() + 100.0
+    assert _epochs_within_budget(30, epoch_seconds=20.0, deadline=deadline) == 5
+    assert _epochs_within_budget(3, epoch_seconds=1.0, deadline=deadline) == 3
+    assert _epochs_within_budget(30, epoch_seconds=500.0, deadline=deadline) == 1

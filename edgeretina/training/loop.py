@@ -87,10 +87,15 @@ def train(config: TrainConfig, log: Logger = _stderr, show_progress: bool = True
         log(f"skipped {path}: {reason}")
     optimizer = _optimizer(model, config)
     steps = steps_per_epoch(len(train_set.grades), config.batch_size)
-    scheduler = _cosine_with_warmup(optimizer, steps * config.epochs, config.warmup_fraction)
+    schedule = _WarmupCosine(steps * config.epochs, config.warmup_fraction)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     best_qwk, best_state, history = -math.inf, None, []
     deadline = started + config.max_minutes * 60 if config.max_minutes else math.inf
+    epochs = config.epochs
     for epoch in range(config.epochs):
+        if epoch >= epochs:
+            break
+        epoch_started = time.perf_counter()
         losses = _train_epoch(model, train_set, preprocess, optimizer, scheduler, config, rng, steps,
                               f"epoch {epoch + 1}/{config.epochs}", show_progress)
         val_out = predict(model, val_set.images, preprocess, config.batch_size)
@@ -99,6 +104,11 @@ def train(config: TrainConfig, log: Logger = _stderr, show_progress: bool = True
         log(f"epoch {epoch + 1}: loss {losses['total']:.4f} val QWK {qwk:.4f}")
         if qwk > best_qwk:
             best_qwk, best_state = qwk, {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if epoch == 0 and deadline < math.inf:
+            epochs = _epochs_within_budget(config.epochs, time.perf_counter() - epoch_started, deadline)
+            if epochs < config.epochs:
+                schedule.total_steps = steps * epochs      # finish the cosine decay inside the budget
+                log(f"time budget of {config.max_minutes} min: training {epochs} of {config.epochs} epochs")
         if time.perf_counter() > deadline:
             log(f"time budget of {config.max_minutes} min reached after epoch {epoch + 1}")
             break
@@ -157,16 +167,24 @@ def _optimizer(model: GraderModel, config: TrainConfig) -> torch.optim.Optimizer
     ])
 
 
-def _cosine_with_warmup(optimizer, total_steps: int, warmup_fraction: float):
-    warmup = max(1, int(total_steps * warmup_fraction))
+class _WarmupCosine:
+    """Linear warm-up then cosine decay over `total_steps`, which may be shortened while training
+    (a time budget decides how many epochs fit only once the first epoch has been timed)."""
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
+    def __init__(self, total_steps: int, warmup_fraction: float):
+        self.total_steps = total_steps
+        self.warmup = max(1, int(total_steps * warmup_fraction))
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.total_steps - self.warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+def _epochs_within_budget(planned: int, epoch_seconds: float, deadline: float) -> int:
+    remaining = deadline - time.perf_counter()
+    return max(1, min(planned, 1 + int(remaining // max(epoch_seconds, 1e-6))))
 
 
 def _train_epoch(model, data: PreparedSet, preprocess, optimizer, scheduler, config: TrainConfig,
