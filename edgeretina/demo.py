@@ -36,7 +36,7 @@ class DemoConfig:
     train_seed: int = 1
     test_seed: int = 2             # a different seed: the test set shares no case with training
     epochs: int = 30
-    train_minutes: float = 5.5     # keeps the whole demo under 10 minutes on 2 cores
+    train_minutes: float = 5.0     # keeps the whole demo under 10 minutes on 2 cores
     threads: int | None = None
 
 

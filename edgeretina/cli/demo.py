@@ -14,7 +14,7 @@ def demo(
     workdir: Annotated[Path, typer.Option("--workdir", "-w", help="Folder for data, checkpoint, bundle, metrics.")] = Path("demo-run"),
     n_train: Annotated[int, typer.Option("--n-train", min=50)] = 1800,
     n_test: Annotated[int, typer.Option("--n-test", min=20)] = 300,
-    train_minutes: Annotated[float, typer.Option("--train-minutes", help="Training time budget.")] = 5.5,
+    train_minutes: Annotated[float, typer.Option("--train-minutes", help="Training time budget (minutes).")] = 5.0,
     threads: ThreadsOption = None,
 ) -> None:
     """The whole path on phantom data: synthesise, train, export, grade the held-out set on the runtime."""

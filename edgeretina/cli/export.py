@@ -13,16 +13,19 @@ def export(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint written by `edgeretina train`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Bundle directory (or .zip with --zip) to create.")],
     target: Annotated[str, typer.Option("--target", "-t", help="Export target preset.")] = "onnx",
+    precision: Annotated[Optional[str], typer.Option("--precision", help="fp32 | fp16 | int8 (default: the target's).")] = None,
     reference: Annotated[Optional[Path], typer.Option("--reference", help="Held-out images (labels.csv or folder) for the gate.")] = None,
     gate: Annotated[str, typer.Option("--gate", help="fail | warn | off")] = "fail",
     opset: Annotated[int, typer.Option("--opset")] = 17,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing bundle.")] = False,
     as_zip: Annotated[bool, typer.Option("--zip", help="Write the bundle as one .zip file.")] = False,
+    prune: Annotated[bool, typer.Option("--prune", help="Structured pruning with a short recovery distillation, gated against the unpruned model.")] = False,
+    trt_version: Annotated[str, typer.Option("--trt-version", help="jetson target: TensorRT on the device (8.5 = JetPack 5, 8.6, 10 = JetPack 6).")] = "10",
 ) -> None:
     """Export a checkpoint to a verified bundle (ONNX, feature bank, manifest)."""
     from edgeretina.export import ExportConfig, export as run_export
 
-    config = ExportConfig(checkpoint=checkpoint, out=out, target=target, reference_images=reference, gate=gate,
-                          opset=opset, overwrite=overwrite, zip=as_zip)
+    config = ExportConfig(checkpoint=checkpoint, out=out, target=target, precision=precision, reference_images=reference, gate=gate,
+                          opset=opset, overwrite=overwrite, zip=as_zip, trt_version=trt_version, prune=prune)
     path = run_export(config, log=lambda line: typer.echo(line, err=True))
     typer.echo(str(path))
