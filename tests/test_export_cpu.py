@@ -1,0 +1,90 @@
+"""The `cpu` target: ONNX Runtime INT8 on the tiny trained ViT, real quantization, real onnxruntime."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from edgeretina.bundle import load_bundle
+from edgeretina.dataset import read_labels
+from edgeretina.errors import ConfigError, GateError
+from edgeretina.export import ExportConfig, export
+from edgeretina.export import targets as targets_module
+from edgeretina.export.quantize_ort import quantize_int8, schemes_for
+from edgeretina.runtime.grader import Grader
+
+QUANTIZED_OPS = {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QuantizeLinear", "DequantizeLinear"}
+
+
+@pytest.fixture(scope="module")
+def cpu_bundle(tiny_checkpoint, phantom_test, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundles-cpu") / "tiny-cpu"
+    return export(ExportConfig(checkpoint=tiny_checkpoint.checkpoint, out=out, target="cpu",
+                               reference_images=phantom_test, reference_count=8, calibration_count=16),
+                  log=lambda _: None)
+
+
+def test_manifest_records_int8_and_the_scheme_choice(cpu_bundle):
+    m = load_bundle(cpu_bundle).manifest
+    model = next(a for a in m.artifacts if a.file == "model.onnx")
+    assert model.precision == "int8" and model.target == "cpu"
+    quant = m.export["quantization"]
+    assert set(quant["candidates"]) == {"dynamic", "static"}
+    chosen = quant["candidates"][quant["scheme"]]
+    assert chosen["passed_gate_thresholds"] is True
+    passing = [c for c in quant["candidates"].values() if c["passed_gate_thresholds"]]
+    assert chosen["median_ms_1thread"] == min(c["median_ms_1thread"] for c in passing)
+    assert quant["reason"] and isinstance(quant["cpu"]["flags"], list)
+    assert m.export["calibration"]["count"] == 16
+    assert m.export["gate"]["onnx-int8"]["passed"] is True
+
+
+def test_graph_is_quantized_and_small(cpu_bundle):
+    graph = onnx.load(str(cpu_bundle / "model.onnx"))
+    ops = {n.op_type for n in graph.graph.node}
+    assert ops & QUANTIZED_OPS, ops
+    assert "LayerNormalization" in ops                                  # kept in float
+    manifest = json.loads((cpu_bundle / "manifest.json").read_text())
+    fp32_bytes = manifest["export"]["fp32_onnx_bytes"]
+    assert (cpu_bundle / "model.onnx").stat().st_size <= 0.35 * fp32_bytes
+    assert manifest["export"]["size_ratio"] <= 0.35
+
+
+def test_runtime_grades_like_the_fp32_bundle(cpu_bundle, onnx_bundle, phantom_test):
+    paths = [str(item.path) for item in read_labels(phantom_test)]
+    int8 = Grader(cpu_bundle, threads=1).grade(paths)
+    fp32 = Grader(onnx_bundle, threads=1).grade(paths)
+    pairs = [(a.grade, b.grade) for a, b in zip(int8, fp32) if a.grade is not None and b.grade is not None]
+    assert len(pairs) >= len(paths) // 2
+    assert np.mean([a == b for a, b in pairs]) >= 0.98
+
+
+def _scramble_quantized_weights(ctx):
+    """A broken quantizer: the largest weight tensor's values shuffled (int8 stays int8, ranges stay)."""
+    graph = onnx.load(str(ctx.onnx_path))
+    largest = max(graph.graph.initializer, key=lambda t: np.prod(t.dims))
+    values = onnx.numpy_helper.to_array(largest).copy()
+    np.random.default_rng(0).shuffle(values.reshape(-1))
+    largest.CopyFrom(onnx.numpy_helper.from_array(values, largest.name))
+    onnx.save(graph, str(ctx.onnx_path))
+
+
+def test_gate_refuses_broken_int8_weights(tiny_checkpoint, phantom_test, tmp_path, monkeypatch):
+    steps = list(targets_module.TARGETS["cpu"])
+    steps.insert(steps.index(quantize_int8) + 1, _scramble_quantized_weights)
+    monkeypatch.setitem(targets_module.TARGETS, "cpu", steps)
+    out = tmp_path / "broken"
+    with pytest.raises(GateError) as info:
+        export(ExportConfig(checkpoint=tiny_checkpoint.checkpoint, out=out, target="cpu", precision="int8-static",
+                            reference_images=phantom_test, reference_count=8, calibration_count=8),
+               log=lambda _: None)
+    assert any("onnx-int8: embedding_cosine" in f for f in info.value.failures)
+    assert not out.exists()
+
+
+def test_precision_picks_the_schemes():
+    assert schemes_for(None) == ("dynamic", "static")
+    assert schemes_for("int8-static") == ("static",)
+    with pytest.raises(ConfigError, match="int8"):
+        schemes_for("fp16")
