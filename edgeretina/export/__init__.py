@@ -21,7 +21,7 @@ def export(config: ExportConfig, log: Callable[[str], None] = print) -> Path:
     Nothing is left at `config.out` unless every step (the gate included) succeeded. Returns the bundle path.
     Raises ExportError (GateError when the artifact disagrees with torch).
     """
-    steps = target_steps(config.target)
+    steps = target_steps(config.target, prune=config.prune)
     out = Path(config.out)
     if out.exists() and not config.overwrite:
         raise ExportError(f"{out} already exists (pass overwrite to replace it)")

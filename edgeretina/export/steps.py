@@ -33,6 +33,8 @@ class ExportConfig:
     overwrite: bool = False
     zip: bool = False
     seed: int = 0
+    trt_version: str = "10"                 # jetson target: TensorRT line on the device (8.5, 8.6, 10)
+    prune: bool = False                     # structured pruning + recovery distillation before export
 
     def __post_init__(self):
         if self.gate not in ("fail", "warn", "off"):

@@ -5,8 +5,11 @@ from __future__ import annotations
 from edgeretina.errors import ConfigError
 from edgeretina.export.bank import write_bank
 from edgeretina.export.gate import FP32_THRESHOLDS, run_gate
+from edgeretina.export.jetson import jetson_target
 from edgeretina.export.onnx_steps import check_onnx, export_onnx_fp32, ship_onnx
-from edgeretina.export.reference import load_reference
+from edgeretina.export.openvino_steps import openvino_target
+from edgeretina.export.quantize_ort import gate_onnx_int8, quantize_int8, ship_onnx_int8
+from edgeretina.export.reference import load_calibration, load_reference
 from edgeretina.export.steps import ExportContext, Step
 
 
@@ -20,10 +23,20 @@ def gate_onnx_fp32(ctx: ExportContext) -> None:
 
 TARGETS: dict[str, list[Step]] = {
     "onnx": [load_reference, export_onnx_fp32, check_onnx, gate_onnx_fp32, ship_onnx, write_bank],
+    "jetson": jetson_target(),  # TensorRT-ready ONNX (fp16 default or explicit int8) + build_engine.sh
+    "openvino": openvino_target(),  # IR FP16 or NNCF INT8 (precision, default int8)
+    "cpu": [load_reference, export_onnx_fp32, check_onnx, load_calibration, quantize_int8, gate_onnx_int8,
+            ship_onnx_int8, write_bank],
 }
 
 
-def target_steps(name: str) -> list[Step]:
+def target_steps(name: str, prune: bool = False) -> list[Step]:
+    """The target's steps; with prune, structured pruning + recovery runs on the torch model right after
+    the reference is taken (its fidelity to the unpruned model is gated as `pruned`)."""
     if name not in TARGETS:
         raise ConfigError(f"unknown export target {name!r} (choose {', '.join(TARGETS)})")
-    return TARGETS[name]
+    steps = list(TARGETS[name])
+    if prune:
+        from edgeretina.export.prune import prune_model
+        steps.insert(steps.index(load_reference) + 1, prune_model)
+    return steps

@@ -1,0 +1,138 @@
+"""Structured pruning and 2:4 sparsity: real open_clip towers, real ONNX export and onnxruntime."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from edgeretina.bundle import load_bundle
+from edgeretina.errors import ConfigError
+from edgeretina.export import ExportConfig, export
+from edgeretina.export import targets as targets_module
+from edgeretina.export.bank import write_bank
+from edgeretina.export.onnx_steps import check_onnx, export_onnx_fp32, ship_onnx
+from edgeretina.export.prune import (PruneConfig, apply_24_sparsity, count_macs, count_parameters, is_24_sparse,
+                                     make_prune_step, predict_outputs, prune_structure, sparsity_targets)
+from edgeretina.export.reference import load_reference
+from edgeretina.runtime.backends import create_runner
+from edgeretina.training.checkpoint import load_checkpoint
+
+VIT_TOKENS, VIT_WIDTH, VIT_HIDDEN, VIT_LAYERS = 17, 192, 768, 6    # tiny ViT at 64 px: 4x4 patches + class
+
+
+@pytest.fixture(scope="module")
+def tiny_rn_checkpoint(phantom_train, tmp_path_factory):
+    from edgeretina.training.backbone import BackboneConfig
+    from edgeretina.training.loop import TrainConfig, train
+    from edgeretina.training.model import ModelConfig
+
+    out = tmp_path_factory.mktemp("rn") / "checkpoint.pt"
+    config = TrainConfig(labels=phantom_train, out=out, epochs=1, batch_size=16, val_fraction=0.2, workers=1,
+                         model=ModelConfig(backbone=BackboneConfig(name="edgeretina-tiny-rn", image_size=64)))
+    return train(config, log=lambda _: None, show_progress=False).checkpoint
+
+
+def test_vit_mlp_pruning_removes_the_expected_compute(tiny_checkpoint):
+    model = load_checkpoint(tiny_checkpoint.checkpoint).model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    shapes = {k: v.shape for k, v in model(x).items()}
+    params, macs = count_parameters(model), count_macs(model, 64)
+    prune_structure(model, PruneConfig(mlp_ratio=0.5))
+    kept = VIT_HIDDEN // 2
+    removed = VIT_HIDDEN - kept
+    assert params - count_parameters(model) == VIT_LAYERS * removed * (VIT_WIDTH + 1 + VIT_WIDTH)
+    assert macs - count_macs(model, 64) == VIT_LAYERS * VIT_TOKENS * 2 * VIT_WIDTH * removed
+    assert all(b.mlp.c_fc.out_features == kept for b in model.backbone.visual.transformer.resblocks)
+    assert {k: v.shape for k, v in model(x).items()} == shapes
+
+
+def test_resnet_bottleneck_pruning_removes_the_expected_compute(tiny_rn_checkpoint):
+    from open_clip.modified_resnet import Bottleneck
+
+    model = load_checkpoint(tiny_rn_checkpoint).model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    shapes = {k: v.shape for k, v in model(x).items()}
+    blocks = [(b.conv1.in_channels, b.conv1.out_channels) for b in model.modules() if isinstance(b, Bottleneck)]
+    params, macs = count_parameters(model), count_macs(model, 64)
+    structure = prune_structure(model, PruneConfig(conv_ratio=0.5))
+    # conv1 (in x p), conv2 (3x3, p x p), conv3 (p x 4p), bn1 + bn2 (weight and bias)
+    expected = sum(cin * (p - p // 2) + 9 * (p * p - (p // 2) ** 2) + 4 * p * (p - p // 2) + 4 * (p - p // 2)
+                   for cin, p in blocks)
+    assert params - count_parameters(model) == expected
+    assert [b["inner"] for b in structure["blocks"]] == [[p, p // 2] for _, p in blocks]
+    assert count_macs(model, 64) < 0.75 * macs
+    assert {k: v.shape for k, v in model(x).items()} == shapes
+
+
+def test_24_masks_zero_two_of_every_four_input_weights():
+    conv = torch.nn.Conv2d(8, 4, 3)
+    linear = torch.nn.Linear(12, 5)
+    block = torch.nn.Sequential(conv, torch.nn.Flatten(), linear)
+    masks = apply_24_sparsity(block)
+    assert set(masks) == {"0.weight", "2.weight"}
+    assert is_24_sparse(conv.weight) and is_24_sparse(linear.weight)
+    assert not is_24_sparse(conv.weight.permute(1, 0, 2, 3).reshape(4, 8, 3, 3) + 1.0)
+    # along the input dimension: conv groups are 4 input channels at one (out, kh, kw) position
+    groups = conv.weight.permute(0, 2, 3, 1).reshape(-1, 4)
+    assert ((groups == 0).sum(dim=1) == 2).all()
+
+
+def _prune_export(checkpoint, out, reference, prune_config, monkeypatch, gate="fail"):
+    captured = []
+    steps = [load_reference, make_prune_step(prune_config),
+             lambda ctx: captured.append((ctx.checkpoint.model, ctx.reference_inputs)),
+             export_onnx_fp32, check_onnx, targets_module.gate_onnx_fp32, ship_onnx, write_bank]
+    monkeypatch.setitem(targets_module.TARGETS, "onnx", steps)
+    bundle = export(ExportConfig(checkpoint=checkpoint, out=out, reference_images=reference, reference_count=8,
+                                 gate=gate), log=lambda _: None)
+    return bundle, captured[0]
+
+
+def _check_bundle_matches_pruned_model(bundle, model, inputs):
+    expected = predict_outputs(model, inputs)
+    got = create_runner("onnxruntime", bundle / "model.onnx").run(inputs)
+    for name in ("ordinal_logits", "embedding", "saliency"):
+        np.testing.assert_allclose(got[name], expected[name], atol=2e-4, rtol=1e-3, err_msg=name)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["export"]["gate"]["onnx-fp32"]["passed"] is True
+    return manifest["export"]["pruning"]
+
+
+def test_pruned_vit_with_24_sparsity_exports_and_records(tiny_checkpoint, phantom_test, tmp_path, monkeypatch):
+    config = PruneConfig(mlp_ratio=0.5, semi_structured_24=True, recovery_steps=8, recovery_images=8, batch_size=4)
+    bundle, (model, inputs) = _prune_export(tiny_checkpoint.checkpoint, tmp_path / "vit", phantom_test, config,
+                                            monkeypatch, gate="warn")
+    info = _check_bundle_matches_pruned_model(bundle, model, inputs)
+    load_bundle(bundle)
+    assert info["params"]["after"] < info["params"]["before"]
+    assert info["macs"]["after"] < 0.75 * info["macs"]["before"]
+    assert info["onnx_bytes"]["after"] < 0.8 * info["onnx_bytes"]["before"]
+    # the masks survived the fine-tune: every sparsified weight still has >= 2 zeros per group of 4
+    targets = sparsity_targets(model.backbone)
+    assert len(targets) >= 4 * VIT_LAYERS and all(is_24_sparse(w) for w in targets.values())
+    assert info["sparsity_24"]["satisfied"] == info["sparsity_24"]["layers"] == sorted(targets)
+    assert info["recovery"]["loss_last"] < info["recovery"]["loss_first"]
+    # fidelity to the unpruned model is gated (recorded under "pruned") and kept before/after recovery
+    assert json.loads((bundle / "manifest.json").read_text())["export"]["gate"]["pruned"]["mode"] == "warn"
+    fidelity = info["fidelity"]["after_recovery"]
+    assert {"grade_agreement", "embedding_cosine", "saliency_correlation"} <= set(fidelity)
+    assert fidelity["embedding_cosine"] >= info["fidelity"]["before_recovery"]["embedding_cosine"] - 1e-3
+
+
+def test_pruned_resnet_exports_and_matches_onnxruntime(tiny_rn_checkpoint, phantom_test, tmp_path, monkeypatch):
+    config = PruneConfig(conv_ratio=0.5, recovery_steps=5, recovery_images=8, batch_size=4)
+    bundle, (model, inputs) = _prune_export(tiny_rn_checkpoint, tmp_path / "rn", phantom_test, config,
+                                            monkeypatch, gate="warn")
+    info = _check_bundle_matches_pruned_model(bundle, model, inputs)
+    assert info["structure"]["kind"] == "resnet-bottleneck"
+    assert info["params"]["after"] < info["params"]["before"]
+    assert info["onnx_bytes"]["after"] < info["onnx_bytes"]["before"]
+    assert "pruned" in json.loads((bundle / "manifest.json").read_text())["export"]["gate"]
+
+
+def test_prune_config_is_validated():
+    with pytest.raises(ConfigError):
+        PruneConfig(mlp_ratio=0.0)
+    with pytest.raises(ConfigError):
+        PruneConfig(recovery_steps=-1)
