@@ -11,6 +11,8 @@ from edgeretina.runtime.backends.base import Runner
 # backend name -> (module, class, the artifact formats it runs)
 _BACKENDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "onnxruntime": ("edgeretina.runtime.backends.onnxruntime", "OnnxRuntimeRunner", ("onnx",)),
+    "tensorrt": ("edgeretina.runtime.backends.tensorrt", "TensorRtRunner", ("tensorrt-plan",)),
+    "openvino": ("edgeretina.runtime.backends.openvino", "OpenVinoRunner", ("openvino-ir", "onnx")),
 }
 
 

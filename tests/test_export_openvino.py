@@ -1,0 +1,96 @@
+"""The `openvino` export target (IR FP16, NNCF INT8) and the OpenVINO runtime backend, on the tiny fixture."""
+
+import json
+
+import numpy as np
+import pytest
+
+ov = pytest.importorskip("openvino")
+pytest.importorskip("nncf")
+
+from edgeretina.bundle import load_bundle  # noqa: E402
+from edgeretina.dataset import read_labels  # noqa: E402
+from edgeretina.errors import BackendError, GateError  # noqa: E402
+from edgeretina.export import ExportConfig, export  # noqa: E402
+from edgeretina.export import targets as targets_module  # noqa: E402
+from edgeretina.export.openvino_steps import convert_to_openvino_ir, ir_path, replace_ir  # noqa: E402
+from edgeretina.runtime.backends import create_runner  # noqa: E402
+from edgeretina.runtime.grader import Grader  # noqa: E402
+
+OUTPUTS = ["ordinal_logits", "prototype_logits", "embedding", "saliency"]
+
+
+def _export(checkpoint, out, phantom_test, precision, **kwargs):
+    return export(ExportConfig(checkpoint=checkpoint, out=out, target="openvino", precision=precision,
+                               reference_images=phantom_test, reference_count=8, calibration_count=32, **kwargs),
+                  log=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def ov_bundles(tiny_checkpoint, phantom_test, tmp_path_factory):
+    root = tmp_path_factory.mktemp("openvino")
+    return {p: _export(tiny_checkpoint.checkpoint, root / p, phantom_test, p) for p in ("fp16", "int8")}
+
+
+def test_openvino_runner_grades_an_onnx_bundle_like_onnxruntime(onnx_bundle, phantom_test):
+    paths = [item.path for item in read_labels(phantom_test)]
+    assert Grader(onnx_bundle).backend == "onnxruntime"          # registry order: onnxruntime first for ONNX
+    by_ort = Grader(onnx_bundle, threads=1).grade(paths)
+    by_ov = Grader(onnx_bundle, backend="openvino", threads=1).grade(paths)
+    assert all(r.error is None for r in by_ov)
+    assert [r.grade for r in by_ov] == [r.grade for r in by_ort]
+    np.testing.assert_allclose([r.probabilities for r in by_ov if r.gradable],
+                               [r.probabilities for r in by_ort if r.gradable], atol=0.02)
+
+
+def test_unknown_device_is_a_backend_error(onnx_bundle):
+    with pytest.raises(BackendError, match="available here .*CPU"):
+        create_runner("openvino", onnx_bundle / "model.onnx", device="TPU")
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_bundle_loads_and_grades_with_openvino(ov_bundles, phantom_test, precision):
+    bundle = load_bundle(ov_bundles[precision])
+    model = bundle.manifest.artifact("model")
+    assert (model.file, model.format, model.precision) == ("model.xml", "openvino-ir", precision)
+    assert bundle.manifest.artifact("weights").file == "model.bin"
+    assert bundle.manifest.export["gate"][f"openvino-{precision}"]["passed"] is True
+    grader = Grader(bundle, threads=1)
+    assert grader.backend == "openvino"
+    assert grader.runner.output_names == OUTPUTS == bundle.manifest.outputs["names"]
+    records = grader.grade([item.path for item in read_labels(phantom_test)][:4])
+    assert all(r.error is None and (r.grade is not None or not r.gradable) for r in records)
+
+
+def test_int8_ir_is_quantized_and_small(ov_bundles):
+    xml = (ov_bundles["int8"] / "model.xml").read_text()
+    assert xml.count('type="FakeQuantize"') > 10
+    export_info = json.loads((ov_bundles["int8"] / "manifest.json").read_text())["export"]
+    assert export_info["size_ratio"] <= 0.35
+    assert export_info["quantization"]["tool"] == "nncf"
+    assert export_info["quantization"]["model_type"] == "transformer"   # the fixture is a ViT
+    assert export_info["calibration"]["count"] == 32
+    assert 'type="FakeQuantize"' not in (ov_bundles["fp16"] / "model.xml").read_text()
+    assert "calibration" not in json.loads((ov_bundles["fp16"] / "manifest.json").read_text())["export"]
+
+
+def _corrupt_largest_ir_weight(ctx):
+    model = ov.Core().read_model(str(ir_path(ctx)))
+    constants = [op for op in model.get_ordered_ops()
+                 if op.get_type_name() == "Constant" and op.get_element_type().is_real()]
+    largest = max(constants, key=lambda op: op.get_data().size)
+    corrupted = ov.op.Constant(largest.get_data() * -3.0)
+    for target in list(largest.output(0).get_target_inputs()):
+        target.replace_source_output(corrupted.output(0))
+    replace_ir(ctx, model)
+
+
+def test_gate_refuses_a_corrupted_ir(tiny_checkpoint, phantom_test, tmp_path, monkeypatch):
+    steps = list(targets_module.TARGETS["openvino"])
+    steps.insert(steps.index(convert_to_openvino_ir) + 1, _corrupt_largest_ir_weight)
+    monkeypatch.setitem(targets_module.TARGETS, "openvino", steps)
+    out = tmp_path / "corrupt"
+    with pytest.raises(GateError) as info:
+        _export(tiny_checkpoint.checkpoint, out, phantom_test, "fp16")
+    assert any("embedding_cosine" in f for f in info.value.failures)
+    assert not out.exists()
