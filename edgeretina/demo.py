@@ -114,5 +114,5 @@ def format_summary(metrics: dict) -> str:
         f"referable sensitivity {fmt(sens)} / specificity {fmt(spec)}   AUC {fmt(metrics.get('referable_auc'))}",
         f"  bundle {metrics['bundle_mb']} MB; median inference {metrics['median_inference_ms']} ms/image "
         f"(batched), median end-to-end {metrics['median_image_ms']} ms/image",
-        f"  wall time: " + ", ".join(f"{k} {v} s" for k, v in metrics["timings_s"].items()),
+        "  wall time: " + ", ".join(f"{k} {v} s" for k, v in metrics["timings_s"].items()),
     ])

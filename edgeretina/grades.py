@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 NUM_GRADES = 5
 REFERABLE_MIN_GRADE = 2  # moderate NPDR or worse is referable (ICDR; the usual screening rule)
 
@@ -67,6 +69,11 @@ def check_grade(value: int) -> int:
 
 def is_referable(grade: int, min_grade: int = REFERABLE_MIN_GRADE) -> bool:
     return check_grade(grade) >= min_grade
+
+
+def ordinal_grades(ordinal_logits, thresholds) -> np.ndarray:
+    """The CORAL rule: a grade is the number of cumulative logits above their thresholds ([B, K-1] -> [B])."""
+    return (np.asarray(ordinal_logits) > np.asarray(thresholds)[None, :]).sum(axis=1)
 
 
 def grade_texts() -> list[str]:

@@ -14,7 +14,6 @@ from edgeretina.runtime.batch import expand_inputs, grade_paths
 from edgeretina.training.checkpoint import load_checkpoint
 from edgeretina.training.loop import predict
 from edgeretina.preprocess import decode_image, prepare
-from edgeretina.grades import GradingConfig
 from edgeretina.runtime.postprocess import grade_results
 
 RECORD_KEYS = {"file", "gradable", "quality", "grade", "probabilities", "referable", "neighbors", "error"}

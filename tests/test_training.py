@@ -5,7 +5,8 @@ import torch
 from edgeretina.errors import CheckpointError
 from edgeretina.grades import NUM_GRADES
 from edgeretina.training.backbone import BackboneConfig
-from edgeretina.training.calibration import calibrate, fit_temperature, fit_thresholds, ordinal_grades
+from edgeretina.grades import ordinal_grades
+from edgeretina.training.calibration import calibrate, fit_temperature, fit_thresholds
 from edgeretina.training.checkpoint import load_checkpoint
 from edgeretina.training.losses import coral_loss, coral_targets
 from edgeretina.training.model import GraderModel, ModelConfig

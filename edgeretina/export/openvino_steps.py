@@ -16,7 +16,8 @@ import numpy as np
 from edgeretina.bundle import describe_artifact
 from edgeretina.errors import ConfigError, MissingDependencyError
 from edgeretina.export.bank import write_bank
-from edgeretina.export.gate import GateThresholds, _agreement_kappa, _grades, run_gate
+from edgeretina.export.gate import INT8_THRESHOLDS, GateThresholds, agreement_kappa, run_gate
+from edgeretina.grades import ordinal_grades
 from edgeretina.export.onnx_steps import check_onnx, export_onnx_fp32
 from edgeretina.export.reference import load_calibration, load_reference
 from edgeretina.export.steps import ExportContext, Step
@@ -33,9 +34,6 @@ XML_FILE, BIN_FILE = "model.xml", "model.bin"
 # FP16 weights: half the FP32 bytes; on CPUs with bf16 units OpenVINO computes in bf16 (shared FACTS.md),
 # hence a little slack on the continuous outputs. INT8 thresholds are the issue's.
 FP16_THRESHOLDS = GateThresholds(embedding_cosine=0.995, saliency_correlation=0.98, max_size_ratio=0.55)
-INT8_THRESHOLDS = GateThresholds(grade_agreement=0.98, qwk_change=0.01, referable_agreement=0.98,
-                                 embedding_cosine=0.98, saliency_correlation=0.95, knn_overlap=0.8,
-                                 max_size_ratio=0.35)
 
 
 @dataclass(frozen=True)
@@ -167,7 +165,7 @@ def _as_feed(item) -> dict[str, np.ndarray]:
 
 
 def _validation_items(ctx: ExportContext) -> list[tuple[np.ndarray, int]]:
-    torch_grades = _grades(ctx.reference_outputs["ordinal_logits"], ctx.checkpoint.grading)
+    torch_grades = ordinal_grades(ctx.reference_outputs["ordinal_logits"], ctx.checkpoint.grading.thresholds)
     return [(x[None], int(g)) for x, g in zip(ctx.reference_inputs, torch_grades)]
 
 
@@ -176,7 +174,7 @@ def _grade_kappa_vs_torch(grading):
     def validate(compiled_model, items) -> float:
         items = list(items)
         logits = np.concatenate([compiled_model({"image": image})["ordinal_logits"] for image, _ in items])
-        return _agreement_kappa(np.array([g for _, g in items]), _grades(logits, grading))
+        return agreement_kappa(np.array([g for _, g in items]), ordinal_grades(logits, grading.thresholds))
     return validate
 
 

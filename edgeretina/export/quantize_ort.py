@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeretina.errors import ConfigError, ExportError, MissingDependencyError
-from edgeretina.export.gate import GateThresholds, compare, run_gate
+from edgeretina.export.gate import INT8_THRESHOLDS, GateThresholds, compare, run_gate
 from edgeretina.export.onnx_steps import ship_onnx
 from edgeretina.export.steps import ExportContext
 
@@ -44,9 +44,6 @@ CPU_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_b
 # model must shrink to a third of FP32. Saliency and KNN get the slack INT8 needs: top-10 overlap swings
 # with 1e-3 cosine changes when a bank is tightly clustered (demo model: static INT8 at cosine 0.997 keeps
 # 7.7 of 10 neighbours), so 0.7 = at least 7 of 10 neighbours kept on average.
-INT8_THRESHOLDS = GateThresholds(grade_agreement=0.98, qwk_change=0.01, referable_agreement=0.98,
-                                 embedding_cosine=0.98, saliency_correlation=0.95, knn_overlap=0.7,
-                                 max_size_ratio=0.35)
 
 
 @dataclass(frozen=True)
@@ -185,7 +182,8 @@ def _measure(ctx: ExportContext, scheme: str, path: Path, median_ms: float, opti
 
     outputs = create_runner("onnxruntime", path).run(ctx.reference_inputs)
     bank = ctx.checkpoint.bank.embeddings if ctx.checkpoint.bank is not None else None
-    checks = compare(ctx.reference_outputs, outputs, ctx.checkpoint.grading, options.thresholds, bank)
+    checks = compare(ctx.reference_outputs, outputs, ctx.checkpoint.grading, options.thresholds, bank,
+                     truth=ctx.reference_truth)
     size = path.stat().st_size
     ratio = size / ctx.export_info["fp32_onnx_bytes"]
     max_ratio = options.thresholds.max_size_ratio

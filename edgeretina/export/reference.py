@@ -28,6 +28,7 @@ def load_reference(ctx: ExportContext) -> None:
     ctx.checkpoint = ckpt
     prepared, source = load_images(ctx.config.reference_images, ctx.config.reference_count, ckpt.preprocess,
                                    REFERENCE_SEED_BASE + ctx.config.seed * 1_000)
+    ctx.reference_truth = reference_grades(ctx.config.reference_images, ctx.config.reference_count)
     ctx.reference_inputs = normalize(prepared, ckpt.preprocess)
     ctx.reference_outputs = predict(ckpt.model, prepared, ckpt.preprocess, batch_size=16)
     ctx.reference_source = source
@@ -57,6 +58,14 @@ def load_images(source: Path | None, count: int, preprocess: PreprocessConfig, p
         raise ExportError(f"need at least 2 images in {source}, found {len(paths)}")
     images = [prepare(decode_image(p), preprocess)[0] for p in paths]
     return np.stack(images), {"source": str(source), "count": len(images)}
+
+
+def reference_grades(source: Path | None, count: int) -> np.ndarray | None:
+    """Ground-truth grades of a labels.csv reference set (None for folders and the phantom default,
+    whose grades the gate does not need)."""
+    if source is None or not (Path(source).is_file() and Path(source).suffix == ".csv"):
+        return None
+    return np.array([item.grade for item in read_labels(source)[:count]])
 
 
 def _image_paths(source: Path) -> list[Path]:

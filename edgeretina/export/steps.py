@@ -56,6 +56,7 @@ class ExportContext:
     reference_inputs: np.ndarray | None = None      # float32 [N, 3, S, S], preprocessed held-out images
     reference_outputs: dict[str, np.ndarray] = field(default_factory=dict)   # torch outputs on them
     reference_source: dict[str, Any] = field(default_factory=dict)
+    reference_truth: np.ndarray | None = None       # labelled grades of the reference images, when known
     onnx_path: Path | None = None                   # the current ONNX graph (in work/ until a step ships it)
     fp32_onnx_path: Path | None = None              # the FP32 reference graph, for size and fidelity ratios
     calibration_inputs: np.ndarray | None = None    # float32 [N, 3, S, S] for post-training quantization

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeretina.grades import GradingConfig
+from edgeretina.grades import GradingConfig, ordinal_grades
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ def class_probabilities(cumulative: np.ndarray) -> np.ndarray:
 def grade_results(ordinal_logits: np.ndarray, grading: GradingConfig) -> list[GradeResult]:
     cumulative = cumulative_probabilities(ordinal_logits, grading)
     probabilities = class_probabilities(cumulative)
-    grades = (cumulative > 0.5).sum(axis=1)
+    grades = ordinal_grades(ordinal_logits, grading.thresholds)   # = #{k: P(grade > k) > 0.5}
     referable_p = cumulative[:, grading.referable_min_grade - 1]
     return [GradeResult(grade=int(g), probabilities=[round(float(p), 6) for p in probs],
                         referable_probability=round(float(r), 6), referable=bool(r >= grading.referable_threshold))

@@ -14,10 +14,6 @@ _THRESHOLD_GRID = np.round(np.arange(-3.0, 3.0001, 0.1), 3)
 _MIN_GAIN = 0.002  # a threshold moves only for a real accuracy gain: small validation sets overfit easily
 
 
-def ordinal_grades(ordinal_logits: np.ndarray, thresholds) -> np.ndarray:
-    return (np.asarray(ordinal_logits) > np.asarray(thresholds)[None, :]).sum(axis=1)
-
-
 def fit_temperature(ordinal_logits: np.ndarray, grades: np.ndarray) -> float:
     """Temperature minimising the binary NLL of the cumulative targets (1-D search on log T)."""
     logits = np.asarray(ordinal_logits, dtype=np.float64)

@@ -17,7 +17,8 @@ from edgeretina.dataset import LabeledImage, grade_counts, read_labels
 from edgeretina.errors import ConfigError, DatasetError
 from edgeretina.metrics import grading_report
 from edgeretina.preprocess import PreprocessConfig
-from edgeretina.training.calibration import calibrate, ordinal_grades
+from edgeretina.grades import ordinal_grades
+from edgeretina.training.calibration import calibrate
 from edgeretina.training.checkpoint import Checkpoint, FeatureBank, save_checkpoint
 from edgeretina.training.data import (PreparedSet, augment, balanced_batches, prepare_images, sequential_batches,
                                       steps_per_epoch, to_model_input)
