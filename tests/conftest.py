@@ -7,12 +7,10 @@ a few dozen phantom photographs, two epochs.
 from __future__ import annotations
 
 import os
-import warnings
 
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
-warnings.filterwarnings("ignore", message="No pretrained weights loaded")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -16,6 +16,7 @@ def export(
     precision: Annotated[Optional[str], typer.Option("--precision", help="fp32 | fp16 | int8 (default: the target's).")] = None,
     reference: Annotated[Optional[Path], typer.Option("--reference", help="Held-out images (labels.csv or folder) for the gate.")] = None,
     calibration: Annotated[Optional[Path], typer.Option("--calibration", help="INT8 calibration images (folder or labels.csv), ideally from the target camera.")] = None,
+    calibration_count: Annotated[int, typer.Option("--calibration-count", min=1, help="Calibration images used.")] = 64,
     gate: Annotated[str, typer.Option("--gate", help="fail | warn | off")] = "fail",
     opset: Annotated[int, typer.Option("--opset")] = 17,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing bundle.")] = False,
@@ -26,7 +27,7 @@ def export(
     """Export a checkpoint to a verified bundle (ONNX, feature bank, manifest)."""
     from edgeretina.export import ExportConfig, export as run_export
 
-    config = ExportConfig(checkpoint=checkpoint, out=out, target=target, precision=precision, reference_images=reference, calibration_images=calibration, gate=gate,
+    config = ExportConfig(checkpoint=checkpoint, out=out, target=target, precision=precision, reference_images=reference, calibration_images=calibration, calibration_count=calibration_count, gate=gate,
                           opset=opset, overwrite=overwrite, zip=as_zip, trt_version=trt_version, prune=prune)
     path = run_export(config, log=lambda line: typer.echo(line, err=True))
     typer.echo(str(path))

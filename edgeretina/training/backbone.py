@@ -335,13 +335,25 @@ def _check_image_size(config: BackboneConfig, vision_cfg: dict, is_resnet: bool)
         raise ConfigError(f"image_size {size} of {config.name!r} must be a multiple of {stride}")
 
 
+class _RandomInitNotice(logging.Filter):
+    """open_clip warns on the root logger whenever it builds without pretrained weights; we do that on
+    purpose (tests, the demo, and every checkpoint load, whose weights come right after)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
 def _create_model(name: str, pretrained: str | None, image_size: int | None) -> nn.Module:
+    notice = _RandomInitNotice()
+    logging.getLogger().addFilter(notice)
     try:
         return open_clip.create_model(name, pretrained=pretrained, force_image_size=image_size)
     except RuntimeError as error:
         if pretrained is None:
             raise
         raise CheckpointError(f"could not load weights {pretrained!r} into {name!r}: {error}") from error
+    finally:
+        logging.getLogger().removeFilter(notice)
 
 
 def _resize_attnpool(tower: ModifiedResNet, image_size: int) -> None:
