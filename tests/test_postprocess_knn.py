@@ -60,3 +60,14 @@ def test_knn_with_k_larger_than_bank(tmp_path):
     result = bank.search(np.eye(3, dtype=np.float32)[:1], k=10)
     assert result[0][0].case_id == "a"            # b and c tie at similarity 0
     assert sorted(n.case_id for n in result[0]) == ["a", "b", "c"]
+
+
+def test_backend_failures_become_backend_errors(onnx_bundle):
+    from edgeretina.errors import BackendError
+    from edgeretina.runtime.backends import create_runner
+
+    runner = create_runner("onnxruntime", onnx_bundle / "model.onnx")
+    with pytest.raises(BackendError, match="onnxruntime failed to run model.onnx"):
+        runner.run(np.zeros((1, 3, 17, 17), np.float32))      # wrong spatial size for the graph
+    with pytest.raises(BackendError, match="expected float32"):
+        runner.run(np.zeros((1, 3, 64, 64), np.float64))

@@ -29,7 +29,12 @@ class Runner(ABC):
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         if images.dtype != np.float32 or images.ndim != 4 or images.shape[1] != 3:
             raise BackendError(f"{self.name}: expected float32 [B, 3, H, W], got {images.dtype} {images.shape}")
-        return self._infer(np.ascontiguousarray(images))
+        try:
+            return self._infer(np.ascontiguousarray(images))
+        except BackendError:
+            raise
+        except Exception as exc:  # each backend has its own exception types; the batch sees one
+            raise BackendError(f"{self.name} failed to run {self.model_path.name}: {exc}") from exc
 
     def describe(self) -> dict[str, object]:
         return {"backend": self.name, "threads": self.threads, "device": self.device}
