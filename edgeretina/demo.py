@@ -96,8 +96,11 @@ def _metrics(items, records) -> dict:
     per_image = [sum(r.timings_ms.values()) for _, r in graded]
     return {**report, "n_total": len(records), "n_ungradable": sum(r.gradable is False for r in records),
             "n_errors": sum(r.error is not None for r in records),
-            "median_inference_ms": round(statistics.median(inference), 2),
-            "median_image_ms": round(statistics.median(per_image), 2)}
+            "median_inference_ms": _median(inference), "median_image_ms": _median(per_image)}
+
+
+def _median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 2) if values else None
 
 
 def _size_mb(path: Path) -> float:
