@@ -24,7 +24,7 @@ def export(config: ExportConfig, log: Callable[[str], None] = print) -> Path:
     steps = target_steps(config.target, prune=config.prune)
     out = Path(config.out)
     if out.exists() and not config.overwrite:
-        raise ExportError(f"{out} already exists (pass overwrite to replace it)")
+        raise ExportError(f"{out} already exists (--overwrite replaces it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
     work = Path(tempfile.mkdtemp(prefix="edgeretina-export-work-"))
