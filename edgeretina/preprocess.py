@@ -832,3 +832,20 @@ def _zero_outside_circle(img: np.ndarray, cx: float, cy: float, r: float) -> Non
         else:
             img[i, : first[i]] = 0
             img[i, last[i] :] = 0
+
+
+def grid_presence(mask: np.ndarray, geometry: Geometry, grid: tuple[int, int]) -> np.ndarray:
+    """A binary mask over the decoded photo -> bool [h, w]: which cells of the model's patch grid hold
+    any of it. The inverse direction of `map_to_original`; gives patch-level lesion targets."""
+    if mask.ndim != 2 or mask.shape != tuple(geometry.original_size):
+        raise ValueError(f"mask shape {mask.shape} does not match the photo {tuple(geometry.original_size)}")
+    x0, y0, x1, y1 = (int(round(v)) for v in geometry.crop_box)
+    side = x1 - x0
+    crop = np.zeros((side, side), np.float32)
+    height, width = mask.shape
+    sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
+    if sx1 > sx0 and sy1 > sy0:
+        crop[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = mask[sy0:sy1, sx0:sx1] > 0
+    h, w = grid
+    # Area averaging: a cell is positive when any lesion pixel falls inside it, however small.
+    return cv2.resize(crop, (w, h), interpolation=cv2.INTER_AREA) > 0

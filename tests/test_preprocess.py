@@ -640,3 +640,18 @@ def test_config_is_strict(bad):
 def test_config_is_frozen():
     with pytest.raises(AttributeError):
         PreprocessConfig().image_size = 100  # type: ignore[misc]
+
+
+def test_grid_presence_marks_the_cells_that_hold_a_lesion():
+    from edgeretina.preprocess import grid_presence
+
+    rgb = np.zeros((400, 600, 3), np.uint8)
+    cv2.circle(rgb, (300, 200), 190, (200, 90, 60), -1)
+    geometry = prepare(rgb, PreprocessConfig(image_size=224))[1]
+    mask = np.zeros((400, 600), np.uint8)
+    mask[30:32, 300:302] = 255                       # a 2-pixel microaneurysm near the top centre
+    cells = grid_presence(mask, geometry, (7, 7))
+    assert cells.sum() == 1 and cells[0, 3]
+    assert not grid_presence(np.zeros_like(mask), geometry, (7, 7)).any()
+    with pytest.raises(ValueError):
+        grid_presence(mask[:10], geometry, (7, 7))

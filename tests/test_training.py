@@ -25,7 +25,7 @@ def test_forward_gives_every_head_in_one_pass(tiny_model):
     assert out["prototype_logits"].shape == (3, NUM_GRADES)
     assert torch.allclose(out["embedding"].norm(dim=1), torch.ones(3), atol=1e-5)
     assert out["saliency"].shape == (3, h, w)
-    assert float(out["saliency"].min()) >= 0.0 and float(out["saliency"].max()) <= 1.0
+    assert float(out["saliency"].detach().min()) >= 0.0 and float(out["saliency"].detach().max()) <= 1.0
     assert out["lesion_logits"].shape == (3, 6, h, w)
     assert tiny_model.output_names[-1] == "lesion_logits"
 
@@ -98,3 +98,39 @@ def test_schedule_fits_the_time_budget():
     assert _epochs_within_budget(30, epoch_seconds=20.0, deadline=deadline) == 5
     assert _epochs_within_budget(3, epoch_seconds=1.0, deadline=deadline) == 3
     assert _epochs_within_budget(30, epoch_seconds=500.0, deadline=deadline) == 1
+
+
+def test_augmentation_moves_lesion_grids_with_the_image():
+    from edgeretina.training.data import augment
+
+    images = np.zeros((16, 64, 64, 3), np.uint8)
+    images[:, 2:14, 50:62] = 200                     # a bright blob in grid cell (0, 3) of a 4x4 grid
+    grids = np.zeros((16, 6, 4, 4), np.uint8)
+    grids[:, 1, 0, 3] = 1
+    out, out_grids = augment(images, np.random.default_rng(3), grids)
+    for image, grid in zip(out, out_grids):
+        cell = np.unravel_index(np.argmax(grid[1]), (4, 4))
+        bright = image.sum(-1).reshape(4, 16, 4, 16).sum(axis=(1, 3))
+        assert np.unravel_index(np.argmax(bright), (4, 4)) == cell
+        assert grid.sum() == 1
+
+
+def test_lesion_head_trains_from_phantom_masks_and_exports(phantom_train, phantom_test, tmp_path):
+    import onnx
+    from edgeretina.export import ExportConfig, export
+    from edgeretina.runtime.backends import create_runner
+    from edgeretina.training.loop import TrainConfig, train
+
+    config = TrainConfig(labels=phantom_train, out=tmp_path / "lesion.pt", epochs=1, batch_size=16,
+                         model=ModelConfig(backbone=BackboneConfig(image_size=64), lesion_head=True), workers=1)
+    result = train(config, log=lambda _: None, show_progress=False)
+    assert "lesion" in load_checkpoint(result.checkpoint).summary["history"][0]["loss"]
+    bundle = export(ExportConfig(checkpoint=result.checkpoint, out=tmp_path / "bundle", reference_images=phantom_test,
+                                 reference_count=4), log=lambda _: None)
+    graph = onnx.load(str(bundle / "model.onnx"))
+    assert graph.graph.output[-1].name == "lesion_logits"
+    ckpt = load_checkpoint(result.checkpoint)
+    x = torch.randn(2, 3, 64, 64)
+    expected = ckpt.model(x)["lesion_logits"].detach().numpy()
+    got = create_runner("onnxruntime", bundle / "model.onnx").run(x.numpy())["lesion_logits"]
+    np.testing.assert_allclose(got, expected, atol=2e-4)

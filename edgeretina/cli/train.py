@@ -21,6 +21,7 @@ def train(
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 10,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
     lr: Annotated[float, typer.Option("--lr")] = 1e-3,
+    lesion_head: Annotated[bool, typer.Option("--lesion-head", help="Train a patch-level lesion head (needs masks/<CODE>/<case_id>.png beside labels.csv).")] = False,
     ben_graham: Annotated[bool, typer.Option("--ben-graham", help="Local-average subtraction preprocessing.")] = False,
     max_minutes: Annotated[Optional[float], typer.Option("--max-minutes", help="Stop after this budget.")] = None,
     threads: ThreadsOption = None,
@@ -31,7 +32,8 @@ def train(
     from edgeretina.training.loop import TrainConfig, train as run_training
     from edgeretina.training.model import ModelConfig
 
-    model = ModelConfig(backbone=BackboneConfig(name=arch, pretrained=pretrained, image_size=image_size))
+    model = ModelConfig(backbone=BackboneConfig(name=arch, pretrained=pretrained, image_size=image_size),
+                        lesion_head=lesion_head)
     config = TrainConfig(labels=labels, out=out, model=model, val_labels=val_labels, epochs=epochs,
                          batch_size=batch_size, lr=lr, backbone_lr_scale=0.1 if pretrained else 1.0,
                          ben_graham=ben_graham, max_minutes=max_minutes, threads=threads, seed=seed)

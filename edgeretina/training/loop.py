@@ -82,7 +82,8 @@ def train(config: TrainConfig, log: Logger = _stderr, show_progress: bool = True
                                   std=tuple(model.backbone.std), ben_graham=config.ben_graham)
     train_items, val_items = _split(config, rng)
     log(f"data: {len(train_items)} train {grade_counts(train_items)}, {len(val_items)} val {grade_counts(val_items)}")
-    train_set = prepare_images(train_items, preprocess, config.workers)
+    lesion_grid = model.grid_size if model.lesion_head is not None else None
+    train_set = prepare_images(train_items, preprocess, config.workers, lesion_grid=lesion_grid)
     val_set = prepare_images(val_items, preprocess, config.workers)
     for path, reason in train_set.skipped + val_set.skipped:
         log(f"skipped {path}: {reason}")
@@ -194,11 +195,12 @@ def _train_epoch(model, data: PreparedSet, preprocess, optimizer, scheduler, con
     totals: dict[str, float] = {}
     batches = balanced_batches(data.grades, config.batch_size, steps, rng)
     for idx in _progress(batches, steps, label, show_progress):
-        images = to_model_input(augment(data.images[idx], rng), preprocess)
+        images, lesions = augment(data.images[idx], rng, data.lesions[idx] if data.lesions is not None else None)
         grades = torch.from_numpy(data.grades[idx])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
-            outputs = model(images)
-        loss, parts = grader_loss(outputs, grades, config.loss)
+            outputs = model(to_model_input(images, preprocess))
+        targets = torch.from_numpy(lesions).float() if lesions is not None else None
+        loss, parts = grader_loss(outputs, grades, config.loss, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
