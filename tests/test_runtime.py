@@ -20,7 +20,9 @@ RECORD_KEYS = {"file", "gradable", "quality", "grade", "probabilities", "referab
 
 
 def test_runtime_import_leaves_torch_out():
-    code = ("import sys, edgeretina.runtime, edgeretina.runtime.batch, edgeretina.runtime.report, edgeretina.cli; "
+    code = ("import sys, edgeretina.runtime, edgeretina.runtime.batch, edgeretina.runtime.report, edgeretina.cli, "
+            "edgeretina.runtime.backends.onnxruntime, edgeretina.runtime.backends.openvino, "
+            "edgeretina.runtime.backends.tensorrt; "
             "heavy = [m for m in ('torch', 'open_clip', 'onnx', 'edgeretina.training', 'edgeretina.export') "
             "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
