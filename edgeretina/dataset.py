@@ -13,6 +13,7 @@ from edgeretina.errors import DatasetError
 from edgeretina.grades import NUM_GRADES
 
 REQUIRED_COLUMNS = ("path", "grade")
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})   # what folders are searched for
 
 
 @dataclass(frozen=True)

@@ -8,14 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeretina.dataset import read_labels
+from edgeretina.dataset import IMAGE_SUFFIXES, read_labels
 from edgeretina.errors import ExportError
 from edgeretina.export.steps import ExportContext
 from edgeretina.preprocess import PreprocessConfig, decode_image, normalize, prepare
 from edgeretina.training.checkpoint import load_checkpoint
 from edgeretina.training.loop import predict
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
 # Phantom seeds far from the ones `edgeretina synth` and the demo use, so the sets are held out.
 REFERENCE_SEED_BASE = 10_000_019
 CALIBRATION_SEED_BASE = 20_000_003
