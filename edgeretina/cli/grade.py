@@ -18,8 +18,11 @@ def grade(
     as_json: Annotated[bool, typer.Option("--json", help="Print the records as JSON.")] = False,
     csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Also write the records to this CSV file.")] = None,
     overlays: Annotated[Optional[Path], typer.Option("--overlays", help="Folder for saliency overlay PNGs.")] = None,
+    cards: Annotated[Optional[Path], typer.Option("--cards", help="Folder for per-image report card PNGs.")] = None,
     backend: Annotated[Optional[str], typer.Option("--backend", help="Inference backend (default: from the bundle).")] = None,
     threads: ThreadsOption = None,
+    device: Annotated[Optional[str], typer.Option(
+        "--device", help="Backend device: cpu/cuda/tensorrt (onnxruntime), CPU/GPU/AUTO (openvino), cuda (tensorrt).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
 ) -> None:
     """Grade fundus photographs with an exported bundle. Exit code 3 when any file failed."""
@@ -27,8 +30,8 @@ def grade(
     from edgeretina.runtime.grader import Grader
     from edgeretina.runtime.report import format_table, records_json, write_csv
 
-    grader = Grader(bundle, backend=backend, threads=threads)
-    records = grade_paths(grader, paths, overlays=overlays, batch_size=batch_size)
+    grader = Grader(bundle, backend=backend, threads=threads, device=device)
+    records = grade_paths(grader, paths, overlays=overlays, batch_size=batch_size, cards=cards)
     if csv_path is not None:
         write_csv(csv_path, records)
     typer.echo(records_json(records) if as_json else format_table(records))

@@ -7,11 +7,12 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from edgeretina.dataset import IMAGE_SUFFIXES
 from edgeretina.errors import EdgeRetinaError
-from edgeretina.runtime.grader import Grader, GradeRecord
+from edgeretina.runtime.card import card_name, write_card_png
+from edgeretina.runtime.grader import GradedImage, Grader, GradeRecord
 from edgeretina.runtime.overlay import overlay_name, render_overlay, write_png
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})
 
 
 def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[str]:
@@ -30,10 +31,12 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[str]:
 
 
 def grade_paths(grader: Grader, inputs: Sequence[str | os.PathLike], overlays: Path | None = None,
-                batch_size: int = 8, on_record: Callable[[GradeRecord], None] | None = None) -> list[GradeRecord]:
+                batch_size: int = 8, on_record: Callable[[GradeRecord], None] | None = None,
+                cards: Path | None = None) -> list[GradeRecord]:
     paths = expand_inputs(inputs)
-    if overlays is not None:
-        Path(overlays).mkdir(parents=True, exist_ok=True)
+    for folder in (overlays, cards):
+        if folder is not None:
+            Path(folder).mkdir(parents=True, exist_ok=True)
     records = []
     for index, graded in enumerate(grader.grade_iter(paths, batch_size)):
         record = graded.record
@@ -44,7 +47,16 @@ def grade_paths(grader: Grader, inputs: Sequence[str | os.PathLike], overlays: P
                 record.overlay = str(target)
             except (EdgeRetinaError, OSError) as exc:
                 record.error = f"graded, but the overlay could not be written: {exc}"
+        if cards is not None and graded.image is not None:
+            _write_card(graded, Path(cards) / card_name(record.file, index))
         records.append(record)
         if on_record:
             on_record(record)
     return records
+
+
+def _write_card(graded: GradedImage, target: Path) -> None:
+    try:
+        write_card_png(target, graded)
+    except (EdgeRetinaError, OSError) as exc:
+        graded.record.error = f"graded, but the report card could not be written: {exc}"

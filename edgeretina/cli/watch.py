@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from edgeretina.cli import app
+from edgeretina.cli._options import BundleOption, ThreadsOption
+
+
+@app.command()
+def watch(
+    folder: Annotated[Path, typer.Argument(help="Hot folder the camera writes photographs into.")],
+    bundle: BundleOption,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for results.jsonl, overlays/ and cards/.")],
+    interval: Annotated[float, typer.Option("--interval", min=0.01, help="Seconds between polls.")] = 1.0,
+    overlays: Annotated[bool, typer.Option("--overlays/--no-overlays", help="Write overlays and report cards.")] = True,
+    once: Annotated[bool, typer.Option("--once", help="Grade what is there now, then exit (cron, tests).")] = False,
+    backend: Annotated[Optional[str], typer.Option("--backend", help="Inference backend (default: from the bundle).")] = None,
+    threads: ThreadsOption = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="Backend device (as for grade).")] = None,
+) -> None:
+    """Grade every new photograph in FOLDER once, when it is completely written; Ctrl-C stops."""
+    from edgeretina.runtime.watch import WatchConfig, watch as run_watch
+
+    config = WatchConfig(folder=folder, bundle=bundle, out=out, interval=interval, overlays=overlays,
+                         once=once, backend=backend, threads=threads, device=device)
+    summary = run_watch(config, on_record=_print_record)
+    typer.echo(f"graded {summary.graded} image(s), {summary.errors} error(s); results in {out / 'results.jsonl'}")
+
+
+def _print_record(record: dict) -> None:
+    source = record["source"]["path"]
+    if record.get("error"):
+        typer.echo(f"{source}: error: {record['error']}")
+    elif record.get("gradable") is False:
+        typer.echo(f"{source}: ungradable ({', '.join(record['quality']['reasons'])})")
+    else:
+        typer.echo(f"{source}: {record['screening']} grade {record['grade']} "
+                   f"P(referable)={record['referable_probability']:.3f}")

@@ -1,0 +1,165 @@
+"""What a bundle holds and whether it can be trusted here: manifest summary plus full verification.
+
+Unlike ``load_bundle`` (which stops at the first problem), ``inspect_bundle`` checks every artifact and
+lists every problem, so one look tells everything that is wrong with a bundle.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from edgeretina.bundle import SCHEMA_VERSION, Artifact, Bundle, load_bundle, sha256_file
+from edgeretina.errors import BundleError
+from edgeretina.runtime.backends import available_backends, formats_for
+
+# backend name -> the Python package whose presence makes it installed
+_BACKEND_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}
+
+
+@dataclass
+class ArtifactCheck:
+    file: str
+    format: str
+    role: str
+    precision: str
+    target: str
+    bytes: int
+    sha256_ok: bool
+    problem: str | None = None
+
+
+@dataclass
+class BundleInfo:
+    path: str
+    schema_version: int
+    edgeretina_version: str
+    created: str
+    model: dict
+    outputs: dict
+    grading: dict
+    bank: dict | None
+    export: dict
+    artifacts: list[ArtifactCheck]
+    backends: dict[str, str]              # backend -> "runs it" | "not installed" | "cannot run these formats"
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def verified(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "verified": self.verified}
+
+    def raise_if_tampered(self) -> None:
+        if self.problems:
+            raise BundleError(f"bundle {self.path} failed verification: " + "; ".join(self.problems))
+
+
+def inspect_bundle(path: str | os.PathLike) -> BundleInfo:
+    """Summarise and fully verify a bundle. A malformed manifest or unknown schema raises BundleError;
+    artifact problems (missing, resized, sha256 mismatch) are collected in ``problems``. A failed export
+    gate is shown, not counted as a problem: it says how faithful the artifact is, not that it was altered."""
+    bundle = load_bundle(path, verify=False)
+    manifest = bundle.manifest
+    checks = [_check_artifact(bundle, artifact) for artifact in manifest.artifacts]
+    return BundleInfo(path=str(path), schema_version=manifest.schema_version,
+                      edgeretina_version=manifest.edgeretina_version, created=manifest.created,
+                      model=manifest.model, outputs=manifest.outputs, grading=manifest.grading, bank=manifest.bank,
+                      export=manifest.export, artifacts=checks, backends=_backends_for(manifest.artifacts),
+                      problems=[c.problem for c in checks if c.problem])
+
+
+def _check_artifact(bundle: Bundle, artifact: Artifact) -> ArtifactCheck:
+    check = ArtifactCheck(file=artifact.file, format=artifact.format, role=artifact.role,
+                          precision=artifact.precision, target=artifact.target, bytes=artifact.bytes, sha256_ok=False)
+    path = bundle.root / artifact.file
+    if ".." in Path(artifact.file).parts or Path(artifact.file).is_absolute():
+        check.problem = f"artifact name {artifact.file!r} points outside the bundle"
+    elif not path.is_file():
+        check.problem = f"missing file {artifact.file}"
+    elif path.stat().st_size != artifact.bytes:
+        check.problem = f"{artifact.file} has {path.stat().st_size} bytes, manifest says {artifact.bytes}"
+    elif sha256_file(path) != artifact.sha256:
+        check.problem = f"{artifact.file} sha256 mismatch (file changed after export)"
+    else:
+        check.sha256_ok = True
+    return check
+
+
+def _backends_for(artifacts: list[Artifact]) -> dict[str, str]:
+    model_formats = {a.format for a in artifacts if a.role == "model"}
+    status = {}
+    for backend in available_backends():
+        if not model_formats & set(formats_for(backend)):
+            status[backend] = "cannot run these formats"
+        elif importlib.util.find_spec(_BACKEND_PACKAGES.get(backend, backend)) is None:
+            status[backend] = "not installed"
+        else:
+            status[backend] = "runs it"
+    return status
+
+
+def _gates(export: dict) -> dict[str, dict]:
+    gate = export.get("gate") or {}
+    return {name: value for name, value in gate.items() if isinstance(value, dict)}
+
+
+def format_info(info: BundleInfo) -> str:
+    """A terminal summary, one fact per line, ✓/✗ for every check."""
+    model, grading, bank, export = info.model, info.grading, info.bank, info.export
+    backbone = (model.get("arch") or {}).get("backbone", {})
+    lines = [f"bundle     {info.path}",
+             f"schema     {info.schema_version} (this edgeretina reads {SCHEMA_VERSION}), "
+             f"made by edgeretina {info.edgeretina_version} on {info.created}",
+             f"model      {backbone.get('name', '?')}, input {model.get('input_size')} px, "
+             f"embedding {model.get('embed_dim')}",
+             "outputs    " + ", ".join(f"{n} {_shape(info.outputs.get('shapes', {}).get(n))}"
+                                      for n in info.outputs.get("names", [])),
+             f"grading    {grading.get('scale')} thresholds {_floats(grading.get('thresholds', []))}, "
+             f"temperature {grading.get('temperature', 0):.3f}, referable when P(grade >= "
+             f"{grading.get('referable_min_grade')}) >= {grading.get('referable_threshold')}"]
+    if bank:
+        lines.append(f"bank       {bank.get('count')} cases x {bank.get('dim')} ({bank.get('dtype')}, "
+                     f"{bank.get('metric')}, k={bank.get('k')}), grades {bank.get('label_counts')}")
+    lines.append("artifacts")
+    for a in info.artifacts:
+        mark = "✓" if a.sha256_ok else "✗"
+        lines.append(f"  {mark} {a.file:<16} {a.format:<13} {a.role:<7} {a.precision:<5} {_size(a.bytes):>9}"
+                     + (f"  {a.problem}" if a.problem else "  sha256 ok"))
+    lines.append(f"export     target {export.get('target')}: " + " -> ".join(export.get("steps", [])))
+    for name, gate in _gates(export).items():
+        lines.append(f"  {'✓' if gate.get('passed') else '✗'} gate {name}")
+        for check, result in (gate.get("checks") or {}).items():
+            lines.append(f"      {'✓' if result.get('passed') else '✗'} {check} {result.get('value')} "
+                         f"(threshold {result.get('threshold')})")
+    lines.append("backends   " + ", ".join(f"{b}: {s}" for b, s in info.backends.items()))
+    lines.append("verified   ✓ every artifact matches its sha256" if info.verified
+                 else "verified   ✗ " + "; ".join(info.problems))
+    return "\n".join(lines)
+
+
+def info_json(info: BundleInfo) -> str:
+    return json.dumps(info.to_dict(), indent=2)
+
+
+def _shape(shape) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]" if shape else "?"
+
+
+def _floats(values) -> str:
+    return "[" + ", ".join(f"{float(v):.3g}" for v in values) + "]"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+__all__ = ["BundleInfo", "ArtifactCheck", "inspect_bundle", "format_info", "info_json"]

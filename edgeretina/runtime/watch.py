@@ -1,0 +1,263 @@
+"""A camera hot-folder: grade every new photograph once, as soon as it is completely written.
+
+Polling, not inotify: it works on every filesystem a camera writes to (SMB/NFS mounts, FAT SD cards)
+and needs no extra dependency. Each poll lists the folder; a file is *ready* when its (size, mtime_ns)
+is the same as in the previous poll. A ready file that does not decode may still be mid-write by a
+camera that pauses; it is retried until it has stayed unchanged and undecodable for
+``undecodable_grace_s``, then it gets one error record.
+
+State: ``OUT/results.jsonl`` is the only state. Each record carries ``source`` = (relative path, bytes,
+mtime_ns); on start the set of those keys is read back. A separate state file would be a second
+commit point that can disagree with the results after a crash; with one file, "recorded" and "done"
+are the same event. A rewritten file (new size/mtime) is a new photograph and is graded again.
+
+Appending: one ``os.write`` of a complete line to an ``O_APPEND`` descriptor, then ``fsync``. A crash
+can at worst leave a torn last line (no newline); it is cut off on the next start and that image is
+graded again. Overlays and cards are written (atomically) before the record, so a recorded image
+always has its files.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from edgeretina.errors import ConfigError, EdgeRetinaError
+from edgeretina.dataset import IMAGE_SUFFIXES
+from edgeretina.runtime.card import write_card_png
+from edgeretina.runtime.grader import GradedImage, Grader
+from edgeretina.runtime.overlay import render_overlay, write_png
+
+RESULTS_NAME = "results.jsonl"
+LOCK_NAME = ".watch.lock"
+
+
+@dataclass
+class WatchConfig:
+    folder: Path                       # the hot folder the camera writes into (searched recursively)
+    bundle: Path
+    out: Path                          # results.jsonl, overlays/, cards/
+    interval: float = 1.0              # seconds between polls
+    overlays: bool = True              # write OUT/overlays/ and OUT/cards/
+    once: bool = False                 # two polls, grade what is ready, exit (cron, tests)
+    undecodable_grace_s: float = 10.0  # how long a ready file may stay undecodable before its error record
+    backend: str | None = None
+    threads: int | None = None
+    device: str | None = None
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        self.folder, self.bundle, self.out = Path(self.folder), Path(self.bundle), Path(self.out)
+        if not self.interval > 0:
+            raise ConfigError(f"interval must be positive, got {self.interval}")
+        if self.undecodable_grace_s < 0:
+            raise ConfigError("undecodable_grace_s must not be negative")
+
+
+@dataclass(frozen=True)
+class FileKey:
+    path: str          # relative to the watched folder, POSIX
+    bytes: int
+    mtime_ns: int
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "bytes": self.bytes, "mtime_ns": self.mtime_ns}
+
+
+@dataclass
+class WatchSummary:
+    graded: int = 0
+    errors: int = 0
+    polls: int = 0
+    records: list[dict] = field(default_factory=list)
+
+
+def watch(config: WatchConfig, stop: threading.Event | None = None,
+          on_record: Callable[[dict], None] | None = None) -> WatchSummary:
+    """Watch ``config.folder`` until ``stop`` is set (or one pass with ``config.once``).
+
+    Without a ``stop`` event, SIGINT and SIGTERM set one (main thread only), so Ctrl-C ends cleanly
+    after the image being graded. Raises ConfigError when the folder is missing or another watcher
+    holds OUT, BundleError/BackendError when the bundle cannot be loaded.
+    """
+    if not config.folder.is_dir():
+        raise ConfigError(f"watch folder not found: {config.folder}")
+    if stop is None:
+        stop = threading.Event()
+        _stop_on_signals(stop)
+    return Watcher(config).run(stop, on_record)
+
+
+class Watcher:
+    def __init__(self, config: WatchConfig, grader: Grader | None = None):
+        self.config = config
+        self.grader = grader or Grader(config.bundle, backend=config.backend, threads=config.threads,
+                                       device=config.device)
+        self.results = config.out / RESULTS_NAME
+        self._last_seen: dict[str, FileKey] = {}
+        self._undecodable_since: dict[FileKey, float] = {}
+
+    def run(self, stop: threading.Event, on_record: Callable[[dict], None] | None = None) -> WatchSummary:
+        self.config.out.mkdir(parents=True, exist_ok=True)
+        summary = WatchSummary()
+        with _exclusive_lock(self.config.out / LOCK_NAME):
+            done = load_done_keys(self.results)
+            fd = os.open(self.results, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                while not stop.is_set():
+                    ready = self.poll(done)
+                    summary.polls += 1
+                    if self.config.once and summary.polls == 1:
+                        stop.wait(self.config.interval)   # a second look tells growing files from finished ones
+                        continue
+                    for record in self._grade(ready, stop, final=self.config.once):
+                        append_line(fd, record)
+                        done.add(_key_of(record))
+                        summary.graded += 1
+                        summary.errors += bool(record.get("error"))
+                        summary.records.append(record)
+                        if on_record:
+                            on_record(record)
+                    if self.config.once:
+                        break
+                    stop.wait(self.config.interval)
+            finally:
+                os.close(fd)
+        return summary
+
+    def poll(self, done: set[FileKey]) -> list[FileKey]:
+        """List the folder; return the files not yet recorded whose size and mtime held since last poll."""
+        current = {key.path: key for key in self._scan()}
+        ready = [key for path, key in current.items()
+                 if key not in done and self._last_seen.get(path) == key]
+        self._last_seen = current
+        # forget stalls of files that changed or vanished since (a long-running watcher must not grow)
+        self._undecodable_since = {k: t for k, t in self._undecodable_since.items() if current.get(k.path) == k}
+        return sorted(ready, key=lambda k: k.path)
+
+    def _scan(self) -> Iterator[FileKey]:
+        folder, out = self.config.folder, self.config.out.resolve()
+        for dirpath, dirnames, filenames in os.walk(folder):
+            # Hidden entries are cameras' and copy tools' temporary files; OUT may sit inside the folder.
+            dirnames[:] = [d for d in dirnames if not d.startswith(".") and Path(dirpath, d).resolve() != out]
+            for name in filenames:
+                if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+                    continue
+                path = Path(dirpath, name)
+                try:
+                    st = path.stat()
+                except FileNotFoundError:   # deleted between listing and stat
+                    continue
+                yield FileKey(path.relative_to(folder).as_posix(), st.st_size, st.st_mtime_ns)
+
+    def _grade(self, ready: list[FileKey], stop: threading.Event, final: bool) -> Iterator[dict]:
+        by_path = {str(self.config.folder / key.path): key for key in ready}
+        for graded in self.grader.grade_iter(list(by_path), self.config.batch_size):
+            key = by_path[graded.record.file]
+            if self._maybe_incomplete(graded, key, final):
+                continue
+            self._undecodable_since.pop(key, None)
+            if self.config.overlays:
+                self._write_images(graded, key)
+            yield {**graded.record.to_dict(), "source": key.to_dict(), "graded_at": _now()}
+            if stop.is_set():   # finish the current image, leave the rest for the next start
+                return
+
+    def _maybe_incomplete(self, graded: GradedImage, key: FileKey, final: bool) -> bool:
+        """A decode failure on a file that has not stayed unchanged long enough: try again later."""
+        if graded.image is not None or graded.record.error is None or final:
+            return False
+        first = self._undecodable_since.setdefault(key, time.monotonic())
+        return time.monotonic() - first < self.config.undecodable_grace_s
+
+    def _write_images(self, graded: GradedImage, key: FileKey) -> None:
+        stem = key.path.rsplit(".", 1)[0].replace("/", "__")
+        record = graded.record
+        try:
+            if graded.saliency is not None:
+                overlay = self.config.out / "overlays" / f"{stem}_saliency.png"
+                overlay.parent.mkdir(parents=True, exist_ok=True)
+                write_png(overlay, render_overlay(graded.image, graded.saliency, graded.geometry))
+                record.overlay = str(overlay)
+            if graded.image is not None:
+                card = self.config.out / "cards" / f"{stem}_card.png"
+                card.parent.mkdir(parents=True, exist_ok=True)
+                write_card_png(card, graded)
+        except (EdgeRetinaError, OSError) as exc:
+            record.error = f"graded, but the overlay or card could not be written: {exc}"
+
+
+def load_done_keys(results: Path) -> set[FileKey]:
+    """Keys of every image already recorded; a torn last line (crash mid-write) is cut off first."""
+    if not results.exists():
+        return set()
+    repair_torn_tail(results)
+    keys = set()
+    for line in results.read_text(encoding="utf-8").splitlines():
+        try:
+            keys.add(_key_of(json.loads(line)))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue   # not one of our records; it names no image, so skipping it loses nothing
+    return keys
+
+
+def repair_torn_tail(results: Path) -> bool:
+    """Truncate a last line without its newline. Returns whether anything was cut."""
+    data = results.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return False
+    os.truncate(results, data.rfind(b"\n") + 1)
+    return True
+
+
+def append_line(fd: int, record: dict) -> None:
+    """One write of a whole line on an O_APPEND descriptor, then fsync: no reader sees half a record."""
+    line = (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8")
+    written = os.write(fd, line)
+    if written != len(line):   # a full disk: stop here; the next start cuts the partial line off
+        raise EdgeRetinaError(f"results could not be appended ({written} of {len(line)} bytes written)")
+    os.fsync(fd)
+
+
+def _key_of(record: dict) -> FileKey:
+    source = record["source"]
+    return FileKey(str(source["path"]), int(source["bytes"]), int(source["mtime_ns"]))
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+class _exclusive_lock:
+    """Two watchers on one OUT would grade every image twice; the second one is refused."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd: int | None = None
+
+    def __enter__(self) -> "_exclusive_lock":
+        import fcntl   # POSIX; the devices this runs on are Linux
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise ConfigError(f"another watcher is already writing to {self.path.parent}") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)   # closing releases the lock
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
