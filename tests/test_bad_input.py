@@ -1,0 +1,237 @@
+"""Bad input end to end: every odd file gets a specific error or an ungradable record with the right reason,
+good files in the same batch are still graded, and the CLI's JSON and CSV list every file.
+
+The fundus photographs are the real public-domain `skimage.data.retina()` and degradations of it (the
+quality gate is calibrated on it, see quality.py); the model is the tiny test bundle.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgeretina.bundle import load_bundle
+from edgeretina.errors import BundleError, ImageDecodeError
+from edgeretina.preprocess import MAX_PIXELS, decode_image
+from edgeretina.runtime import Grader
+
+skimage_data = pytest.importorskip("skimage.data")
+
+WORK_SIZE = 704  # the retina photo at half size: the quality measures are resolution-independent
+
+
+@pytest.fixture(scope="module")
+def retina() -> np.ndarray:
+    return cv2.resize(skimage_data.retina(), (WORK_SIZE, WORK_SIZE), interpolation=cv2.INTER_AREA)
+
+
+@pytest.fixture(scope="module")
+def grader(onnx_bundle):
+    return Grader(onnx_bundle, threads=1)
+
+
+def _save(path: Path, rgb: np.ndarray, **params) -> Path:
+    Image.fromarray(rgb).save(path, **params)
+    return path
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _bomb_png(path: Path, side: int = 100_000) -> Path:
+    """A valid-looking PNG whose header claims side x side pixels, with a few bytes of data."""
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    data = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(b"\0" * 64)) \
+        + _png_chunk(b"IEND", b"")
+    path.write_bytes(data)
+    return path
+
+
+def _gain(rgb: np.ndarray, gain: float) -> np.ndarray:
+    return np.clip(np.rint(rgb.astype(np.float32) * gain), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory, retina) -> dict[str, Path]:
+    """name -> file. Good photos in many encodings, degraded photos, and files that are not photos."""
+    d = tmp_path_factory.mktemp("bad_input")
+    _save(d / "good.png", retina)
+    jpeg = _save(d / "good.jpg", retina, quality=95).read_bytes()
+    (d / "empty.jpg").write_bytes(b"")
+    (d / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (d / "notes.png").write_text("patient notes, not a photograph\n")
+    cv2.imwrite(str(d / "sixteen_bit.png"), retina[..., ::-1].astype(np.uint16) * 257)
+    cv2.imwrite(str(d / "sixteen_bit.tif"), retina[..., ::-1].astype(np.uint16) * 257)
+    _save(d / "gray.png", cv2.cvtColor(retina, cv2.COLOR_RGB2GRAY))
+    _save(d / "rgba.png", np.dstack([retina, np.full(retina.shape[:2], 255, np.uint8)]))
+    Image.fromarray(retina).convert("CMYK").save(d / "cmyk.jpg", quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": the pixels are stored rotated the other way
+    _save(d / "exif_rotated.png", np.ascontiguousarray(np.rot90(retina, k=1)), exif=exif)
+    _save(d / "black.png", np.zeros_like(retina))
+    _save(d / "astronaut.png", skimage_data.astronaut())
+    # blur sigma 12 px at 1411 px reads focus 0.18 (quality.py table): 6 px at this half size
+    _save(d / "blurred.png", cv2.GaussianBlur(retina, (0, 0), 6.0))
+    _save(d / "dark.png", _gain(retina, 0.15))
+    _save(d / "bright.png", _gain(retina, 3.0))
+    _bomb_png(d / "bomb.png")
+    # keyed by stem, except the second encoding of a stem, keyed by its full name
+    return {p.stem if p.suffix in (".png", ".jpg") and p.name != "good.jpg" else p.name: p
+            for p in sorted(d.iterdir())}
+
+
+DECODE_ERRORS = {"empty": "empty file", "truncated": "truncated or corrupt image", "notes": "not an image",
+                 "bomb": "image too large"}
+GRADED_LIKE_GOOD = ("sixteen_bit", "rgba", "exif_rotated")
+DECODED_FINE = ("gray", "cmyk")
+UNGRADABLE = {"black": "no_field_of_view", "astronaut": "no_field_of_view", "blurred": "out_of_focus",
+              "dark": "too_dark", "bright": "too_bright"}
+
+
+def test_decoding_of_the_odd_encodings(photos, retina):
+    np.testing.assert_array_equal(decode_image(photos["sixteen_bit"]), retina)            # 16-bit: high byte
+    np.testing.assert_array_equal(decode_image(photos["sixteen_bit.tif"]), retina)
+    np.testing.assert_array_equal(decode_image(photos["rgba"]), retina)                   # opaque alpha dropped
+    np.testing.assert_array_equal(decode_image(photos["exif_rotated"]), retina)           # orientation applied
+    gray = decode_image(photos["gray"])
+    assert gray.shape == retina.shape and (gray[..., 0] == gray[..., 2]).all()
+    cmyk = decode_image(photos["cmyk"])
+    assert cmyk.shape == retina.shape and np.abs(cmyk.astype(int) - retina).mean() < 4
+
+
+def test_every_bad_file_gets_a_specific_answer_and_the_batch_goes_on(grader, photos):
+    order = ["empty", "good", "truncated", "sixteen_bit", "sixteen_bit.tif", "notes", "rgba", "exif_rotated",
+             "bomb", "gray", "cmyk", *UNGRADABLE, "good.jpg"]
+    records = {name: r for name, r in zip(order, grader.grade([photos[n] for n in order], batch_size=4))}
+    assert len(records) == len(order)
+    for name, message in DECODE_ERRORS.items():
+        assert records[name].error and records[name].error.startswith(message), (name, records[name].error)
+        assert records[name].grade is None and records[name].screening is None
+    good = records["good"]
+    assert good.error is None and good.gradable, good.quality
+    for name in GRADED_LIKE_GOOD:
+        record = records[name]
+        assert record.error is None and record.gradable, (name, record.quality)
+        assert record.grade == good.grade
+        assert record.probabilities == pytest.approx(good.probabilities, abs=1e-5)
+    for name in (*DECODED_FINE, "good.jpg"):
+        assert records[name].error is None and records[name].screening is not None, name
+    for name, reason in UNGRADABLE.items():
+        record = records[name]
+        assert record.error is None and record.gradable is False, name
+        assert record.screening == "ungradable" and record.grade is None
+        assert reason in record.quality["reasons"], (name, record.quality)
+
+
+def test_bomb_header_is_refused_before_decoding(photos):
+    with pytest.raises(ImageDecodeError, match=r"image too large \(10000000000 pixels > 120000000\)"):
+        decode_image(photos["bomb"])
+
+
+def test_cli_lists_every_file_in_json_and_csv(onnx_bundle, photos, tmp_path):
+    names = ["good", "empty", "bomb", "astronaut", "blurred", "notes", "cmyk"]
+    out_csv = tmp_path / "results.csv"
+    result = _cli("grade", *[photos[n] for n in names], "--bundle", onnx_bundle, "--json", "--csv", out_csv)
+    assert result.returncode == 3, result.stderr        # some files failed
+    records = json.loads(result.stdout)
+    assert [Path(r["file"]).stem for r in records] == names
+    by_name = dict(zip(names, records))
+    assert [n for n in names if by_name[n]["error"]] == ["empty", "bomb", "notes"]
+    assert by_name["astronaut"]["screening"] == "ungradable"
+    rows = list(csv.DictReader(out_csv.open()))
+    assert [Path(r["file"]).stem for r in rows] == names
+    assert rows[names.index("blurred")]["quality_reasons"] == "out_of_focus"
+    assert rows[names.index("empty")]["error"].startswith("empty file")
+    assert rows[0]["grade"] in {"0", "1", "2", "3", "4"}
+
+
+# ---- a huge photograph -------------------------------------------------------------------------------------
+
+HUGE = (12000, 9000)  # 108 MP: under MAX_PIXELS, so the runtime must grade it without exploding
+
+
+@pytest.fixture(scope="module")
+def huge_jpeg(tmp_path_factory) -> Path:
+    """The retina photo at 9000 px in a 12000 x 9000 frame. Written from a uint8 array once (324 MB for a
+    second), then freed: the grading itself runs in a child process so its peak memory can be measured."""
+    path = tmp_path_factory.mktemp("huge") / "huge.jpg"
+    width, height = HUGE
+    frame = cv2.copyMakeBorder(cv2.resize(skimage_data.retina()[..., ::-1], (height, height)), 0, 0,
+                               (width - height) // 2, (width - height) // 2, cv2.BORDER_CONSTANT, value=0)
+    assert cv2.imwrite(str(path), frame, [cv2.IMWRITE_JPEG_QUALITY, 80])
+    del frame
+    return path
+
+
+def test_huge_jpeg_is_graded_with_bounded_memory(onnx_bundle, huge_jpeg):
+    assert HUGE[0] * HUGE[1] <= MAX_PIXELS
+    # Peak RSS from VmHWM: ru_maxrss survives exec and would include this (forked) pytest process.
+    code = ("import json, re, sys\nfrom pathlib import Path\nfrom edgeretina.runtime import Grader\n"
+            "r = Grader(sys.argv[1], threads=1).grade([sys.argv[2]])[0]\n"
+            "hwm = int(re.search(r'VmHWM:\\s+(\\d+)', Path('/proc/self/status').read_text()).group(1))\n"
+            "print(json.dumps({'error': r.error, 'gradable': r.gradable, 'grade': r.grade, 'rss_mb': hwm / 1024}))")
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code, str(onnx_bundle), str(huge_jpeg)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["error"] is None and result["gradable"] and result["grade"] in range(5)
+    # 324 MB of decoded RGB plus the crop: measured ~715 MB peak; three photos' worth would be a leak
+    assert result["rss_mb"] < 1200, result
+
+
+# ---- tampered bundles --------------------------------------------------------------------------------------
+
+def _tamper(onnx_bundle: Path, tmp_path: Path, how: str) -> Path:
+    import shutil
+
+    root = tmp_path / f"bundle-{how}"
+    shutil.copytree(onnx_bundle, root)
+    manifest_path = root / "manifest.json"
+    if how == "sha_mismatch":
+        bank = root / "bank.npz"
+        data = bytearray(bank.read_bytes())
+        data[-1] ^= 0xFF
+        bank.write_bytes(bytes(data))
+    elif how == "missing_file":
+        (root / "model.onnx").unlink()
+    elif how == "unknown_schema":
+        manifest = json.loads(manifest_path.read_text())
+        manifest["schema_version"] = 999
+        manifest_path.write_text(json.dumps(manifest))
+    return root
+
+
+TAMPERED = {"sha_mismatch": "sha256", "missing_file": "model.onnx", "unknown_schema": "unknown manifest schema_version"}
+
+
+@pytest.mark.parametrize("how", sorted(TAMPERED))
+def test_tampered_bundle_is_refused(onnx_bundle, photos, tmp_path, how):
+    root = _tamper(Path(onnx_bundle), tmp_path, how)
+    with pytest.raises(BundleError, match=TAMPERED[how]):
+        Grader(root)
+    with pytest.raises(BundleError):
+        load_bundle(root)
+    result = _cli("grade", photos["good"], "--bundle", root)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and TAMPERED[how] in lines[0], result.stderr
+    assert result.stdout == ""
+
+
+def _cli(*args):
+    exe = Path(sys.executable).with_name("edgeretina")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("EDGERETINA_DEBUG", None)
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, env=env)
