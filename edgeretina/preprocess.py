@@ -79,6 +79,11 @@ class PreprocessConfig:
     ben_graham: bool = False
     ben_graham_sigma: float = 0.05
     mask_outside_fov: bool = True
+    # JPEGs larger than twice this on the long side are decoded at 1/2, 1/4 or 1/8 scale by libjpeg
+    # (DCT scaling), keeping at least this many pixels: a 12 MP photo then costs a fraction of the
+    # memory and time, and nothing downstream needs more (quality works at 512 px, the model at
+    # image_size, overlays at <= 1600 px). 0 decodes at full size.
+    decode_max_side: int = 1024
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, (int, np.integer)):
@@ -101,6 +106,10 @@ class PreprocessConfig:
         if not 0.0 < float(sigma) <= 1.0:
             raise ConfigError(f"ben_graham_sigma must be in (0, 1], got {sigma}")
         object.__setattr__(self, "ben_graham_sigma", float(sigma))
+        if isinstance(self.decode_max_side, bool) or not isinstance(self.decode_max_side, (int, np.integer)) \
+                or self.decode_max_side < 0:
+            raise ConfigError(f"decode_max_side must be a non-negative integer, got {self.decode_max_side!r}")
+        object.__setattr__(self, "decode_max_side", int(self.decode_max_side))
 
     def to_dict(self) -> dict:
         """JSON-safe dict (tuples become lists)."""
@@ -135,8 +144,11 @@ def _float_triple(name: str, value) -> tuple[float, float, float]:
 # Decoding
 
 
-def decode_image(source: str | os.PathLike | bytes) -> np.ndarray:
+def decode_image(source: str | os.PathLike | bytes, max_side: int = 0) -> np.ndarray:
     """Decode a file (path) or its bytes to an RGB uint8 array of shape (H, W, 3), writeable.
+
+    max_side > 0: a JPEG at least twice that on its long side is decoded at a reduced scale
+    (1/2, 1/4, 1/8) that keeps the long side >= max_side (``PreprocessConfig.decode_max_side``).
 
     Handles JPEG, PNG, TIFF, BMP and whatever else Pillow reads; 16-bit images are scaled to 8 bit
     (high byte, as Pillow does for 16-bit RGB), grayscale becomes 3 equal channels, alpha is
@@ -169,7 +181,8 @@ def decode_image(source: str | os.PathLike | bytes) -> np.ndarray:
         raise ImageDecodeError(f"truncated or corrupt image (size {width} x {height})" + where)
     if _missing_end_marker(data, im.format):
         raise ImageDecodeError(f"truncated or corrupt image (no {im.format} end marker)" + where)
-    rgb = _fast_jpeg(data) if im.format == "JPEG" and im.mode in ("RGB", "L") else None
+    reduction = _jpeg_reduction(max(width, height), max_side) if im.format == "JPEG" else 1
+    rgb = _fast_jpeg(data, reduction) if im.format == "JPEG" and im.mode in ("RGB", "L") else None
     try:
         if rgb is None:
             im.load()  # strict unless someone set ImageFile.LOAD_TRUNCATED_IMAGES; the marker check covers that
@@ -305,10 +318,23 @@ def _png_complete(data: bytes) -> bool:
 _IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV >= 4.10
 
 
-def _fast_jpeg(data: bytes) -> np.ndarray | None:
+def _jpeg_reduction(long_side: int, max_side: int) -> int:
+    """The largest libjpeg scale denominator (1, 2, 4, 8) that keeps the long side >= max_side."""
+    if max_side <= 0:
+        return 1
+    return next((r for r in (8, 4, 2) if long_side // r >= max_side), 1)
+
+
+_REDUCED_BGR = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def _fast_jpeg(data: bytes, reduction: int = 1) -> np.ndarray | None:
     """RGB or gray JPEG through OpenCV's libjpeg-turbo: 2-3x faster here than Pillow's decode plus
     array copy, bit-identical output. The caller applies the EXIF orientation."""
     buf = np.frombuffer(data, np.uint8)
+    if reduction > 1:
+        bgr = cv2.imdecode(buf, _REDUCED_BGR[reduction] | cv2.IMREAD_IGNORE_ORIENTATION)
+        return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     if _IMREAD_RGB is not None:
         return cv2.imdecode(buf, _IMREAD_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
     bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)

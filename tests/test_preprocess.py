@@ -655,3 +655,22 @@ def test_grid_presence_marks_the_cells_that_hold_a_lesion():
     assert not grid_presence(np.zeros_like(mask), geometry, (7, 7)).any()
     with pytest.raises(ValueError):
         grid_presence(mask[:10], geometry, (7, 7))
+
+
+def test_large_jpeg_is_decoded_at_a_reduced_scale(tmp_path):
+    rgb = np.zeros((2400, 3200, 3), np.uint8)
+    cv2.circle(rgb, (1600, 1200), 1150, (190, 90, 50), -1)
+    path = tmp_path / "big.jpg"
+    cv2.imwrite(str(path), rgb[..., ::-1])
+    full = decode_image(path)
+    half = decode_image(path, max_side=1024)          # 3200 // 2 >= 1024 but 3200 // 4 < 1024
+    assert full.shape == (2400, 3200, 3) and half.shape == (1200, 1600, 3)
+    assert decode_image(path, max_side=400).shape == (300, 400, 3)      # 1/8
+    assert decode_image(path, max_side=4000).shape == full.shape        # never upscales
+    small = cv2.resize(full, (1600, 1200), interpolation=cv2.INTER_AREA)
+    assert np.abs(small.astype(int) - half.astype(int)).mean() < 2.0   # same picture
+    # the FOV found on the reduced image is the same circle, scaled
+    fov_full, fov_half = pp.detect_fov(full), pp.detect_fov(half)
+    assert fov_half.radius == pytest.approx(fov_full.radius / 2, rel=0.02)
+    with pytest.raises(ConfigError):
+        PreprocessConfig(decode_max_side=-1)

@@ -55,7 +55,7 @@ def load_images(source: Path | None, count: int, preprocess: PreprocessConfig, p
     paths = _image_paths(Path(source))[:count]
     if len(paths) < 2:
         raise ExportError(f"need at least 2 images in {source}, found {len(paths)}")
-    images = [prepare(decode_image(p), preprocess)[0] for p in paths]
+    images = [prepare(decode_image(p, preprocess.decode_max_side), preprocess)[0] for p in paths]
     return np.stack(images), {"source": str(source), "count": len(images)}
 
 

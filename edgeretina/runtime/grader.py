@@ -122,7 +122,7 @@ class Grader:
         graded = GradedImage(record=record)
         started = time.perf_counter()
         try:
-            rgb = decode_image(path)
+            rgb = decode_image(path, self.preprocess.decode_max_side)
         except EdgeRetinaError as exc:
             record.error = str(exc)
             return graded, None

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import cv2
 import numpy as np
 import torch
 
@@ -32,6 +33,14 @@ class PreparedSet:
     lesions: np.ndarray | None = None   # uint8 [N, L, h, w] patch-grid lesion targets, when masks exist
 
 
+def _mask_at(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A full-resolution mask brought to the size its (possibly scaled-decoded) photo has, keeping
+    every lesion pixel: any overlap with a scaled pixel marks it."""
+    if mask.shape == tuple(size):
+        return mask
+    return (cv2.resize((mask > 0).astype(np.float32), (size[1], size[0]), interpolation=cv2.INTER_AREA) > 0).astype(np.uint8)
+
+
 def lesion_mask_paths(item: LabeledImage) -> list[Path]:
     """Where a labels.csv keeps its lesion masks: masks/<CODE>/<case_id>.png beside it (the phantom's
     layout), one binary PNG per lesion type."""
@@ -42,10 +51,10 @@ def lesion_mask_paths(item: LabeledImage) -> list[Path]:
 def _prepare_one(job: tuple[str, PreprocessConfig, list[Path] | None, tuple[int, int] | None]):
     path, config, mask_paths, grid = job
     try:
-        image, geometry = prepare(decode_image(path), config)
+        image, geometry = prepare(decode_image(path, config.decode_max_side), config)
         if mask_paths is None:
             return image, None
-        masks = [decode_image(p)[..., 0] for p in mask_paths]
+        masks = [_mask_at(decode_image(p)[..., 0], geometry.original_size) for p in mask_paths]
         return image, np.stack([grid_presence(m, geometry, grid) for m in masks]).astype(np.uint8)
     except EdgeRetinaError as exc:
         return str(exc)
