@@ -11,7 +11,8 @@ from edgeretina.dataset import read_labels
 from edgeretina.errors import ConfigError, GateError
 from edgeretina.export import ExportConfig, export
 from edgeretina.export import targets as targets_module
-from edgeretina.export.quantize_ort import quantize_int8, schemes_for
+from edgeretina.export.quantize_ort import (FLOAT_SCOPES, Candidate, _choose, near_threshold_count,
+                                           quantize_int8, schemes_for)
 from edgeretina.runtime.grader import Grader
 
 QUANTIZED_OPS = {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QuantizeLinear", "DequantizeLinear"}
@@ -38,6 +39,37 @@ def test_manifest_records_int8_and_the_scheme_choice(cpu_bundle):
     assert quant["reason"] and isinstance(quant["cpu"]["flags"], list)
     assert m.export["calibration"]["count"] == 16
     assert m.export["gate"]["onnx-int8"]["passed"] is True
+    assert quant["kept_float"]["scopes"] == list(FLOAT_SCOPES)
+    near = quant["near_threshold"]
+    assert near["of"] == 8 and 0 <= near["images"] <= 8
+
+
+def _candidate(scheme: str, ms: float, agreement: float, cosine: float, passed: bool) -> Candidate:
+    return Candidate(scheme, None, 1, ms, {"grade_agreement": agreement, "embedding_cosine": cosine}, passed)
+
+
+def test_chooser_ships_the_most_faithful_when_none_passes():
+    fast_but_worse = _candidate("static", 4.0, 0.95, 0.999, passed=False)
+    slow_but_faithful = _candidate("dynamic", 25.0, 0.97, 0.990, passed=False)
+    chosen, reason = _choose([fast_but_worse, slow_but_faithful])
+    assert chosen is slow_but_faithful and "most faithful" in reason
+    tie_on_grades = _candidate("dynamic", 25.0, 0.95, 0.990, passed=False)
+    assert _choose([fast_but_worse, tie_on_grades])[0] is fast_but_worse   # then the embedding decides
+
+
+def test_chooser_ships_the_fastest_passing_one():
+    fast = _candidate("static", 4.0, 0.98, 0.99, passed=True)
+    slow = _candidate("dynamic", 25.0, 1.0, 1.0, passed=True)
+    assert _choose([slow, fast])[0] is fast
+
+
+def test_near_threshold_counts_images_with_a_logit_close_to_its_threshold():
+    from types import SimpleNamespace
+
+    grading = SimpleNamespace(thresholds=(0.0, 0.0, 0.0, 0.0))
+    logits = np.array([[0.05, 2, 2, 2], [1, 1, 1, 1], [-3, -3, -0.09, -3]], np.float32)
+    ctx = SimpleNamespace(reference_outputs={"ordinal_logits": logits}, checkpoint=SimpleNamespace(grading=grading))
+    assert near_threshold_count(ctx) == {"margin": 0.1, "images": 2, "of": 3}
 
 
 def test_graph_is_quantized_and_small(cpu_bundle):

@@ -89,6 +89,7 @@ def test_int8_graph_is_explicit_symmetric_per_channel(int8_bundle):
     assert m.artifact("model").precision == "int8"
     assert m.export["tensorrt"]["precision"] == "int8"
     assert m.export["calibration"]["count"] == 32
+    assert m.export["quantization"]["calibration_method"] == "Percentile 99.999"
     graph = onnx.load(str(int8_bundle / "model.onnx"))
     assert _opset(graph) <= 17
     inits = {t.name: t for t in graph.graph.initializer}

@@ -70,6 +70,8 @@ def test_int8_ir_is_quantized_and_small(ov_bundles):
     assert export_info["quantization"]["tool"] == "nncf"
     assert export_info["quantization"]["model_type"] == "transformer"   # the fixture is a ViT
     assert export_info["calibration"]["count"] == 32
+    assert export_info["quantization"]["activation_ranges"].startswith("global min/max")
+    assert export_info["quantization"]["sensitive_kept_float"]
     assert 'type="FakeQuantize"' not in (ov_bundles["fp16"] / "model.xml").read_text()
     assert "calibration" not in json.loads((ov_bundles["fp16"] / "manifest.json").read_text())["export"]
 
