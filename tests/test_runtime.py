@@ -129,3 +129,23 @@ def test_cli_error_is_one_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().startswith("error: bundle not found")
     assert "Traceback" not in result.stderr
+
+
+def test_records_carry_a_knn_vote(grader, phantom_test):
+    record = grader.grade([read_labels(phantom_test)[0].path])[0]
+    votes = {}
+    for n in record.neighbors:
+        votes[n["grade"]] = votes.get(n["grade"], 0.0) + max(n["similarity"], 0.0)
+    assert record.knn_grade == max(votes, key=votes.get)
+    assert record.lesions is None                          # this model has no lesion head
+
+
+def test_lesion_presence_is_the_sigmoid_of_the_strongest_patch():
+    from edgeretina.runtime.grader import lesion_presence
+
+    logits = np.full((6, 4, 4), -6.0, np.float32)
+    logits[2, 1, 3] = 3.0                                   # one patch with a hard exudate
+    lesions = lesion_presence(logits)
+    assert [entry["code"] for entry in lesions] == ["MA", "HE", "EX", "CWS", "NV", "PRH"]
+    assert lesions[2]["probability"] == pytest.approx(1 / (1 + np.exp(-3.0)), abs=1e-4)
+    assert all(entry["probability"] < 0.01 for i, entry in enumerate(lesions) if i != 2)

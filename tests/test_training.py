@@ -134,3 +134,8 @@ def test_lesion_head_trains_from_phantom_masks_and_exports(phantom_train, phanto
     expected = ckpt.model(x)["lesion_logits"].detach().numpy()
     got = create_runner("onnxruntime", bundle / "model.onnx").run(x.numpy())["lesion_logits"]
     np.testing.assert_allclose(got, expected, atol=2e-4)
+    from edgeretina.dataset import read_labels
+    from edgeretina.runtime import Grader
+    record = Grader(bundle).grade([read_labels(phantom_test)[0].path])[0]
+    assert [entry["code"] for entry in record.lesions] == ["MA", "HE", "EX", "CWS", "NV", "PRH"]
+    assert all(0.0 <= entry["probability"] <= 1.0 for entry in record.lesions)

@@ -17,7 +17,7 @@ import numpy as np
 
 from edgeretina.bundle import Bundle, load_bundle
 from edgeretina.errors import BackendError, EdgeRetinaError
-from edgeretina.grades import GradingConfig, grade_name
+from edgeretina.grades import LESIONS, GradingConfig, grade_name
 from edgeretina.preprocess import Geometry, PreprocessConfig, decode_image, detect_fov, normalize, prepare
 from edgeretina.quality import assess_quality
 from edgeretina.runtime.backends import available_backends, create_runner, formats_for
@@ -37,6 +37,8 @@ class GradeRecord:
     referable: bool | None = None
     screening: str | None = None            # "negative" | "referable" | "ungradable"; None on error
     neighbors: list[dict] = field(default_factory=list)
+    knn_grade: int | None = None            # similarity-weighted vote of the neighbours: a second opinion
+    lesions: list[dict] | None = None       # per lesion type: probability present (lesion-head models only)
     timings_ms: dict[str, float] = field(default_factory=dict)
     overlay: str | None = None              # path of the saliency overlay, when one was written
     error: str | None = None
@@ -159,9 +161,21 @@ class Grader:
             record.referable = result.referable
             record.screening = "referable" if result.referable else "negative"
             record.neighbors = [n.to_dict() for n in neighbors[i]]
+            record.knn_grade = self.bank.vote(neighbors[i]) if neighbors[i] else None
+            if "lesion_logits" in outputs:
+                record.lesions = lesion_presence(outputs["lesion_logits"][i])
             record.timings_ms.update(inference=_ms((inferred - started) * per_image),
                                      postprocess=_ms((finished - inferred) * per_image))
             item.graded.saliency = outputs["saliency"][i]
+
+
+def lesion_presence(lesion_logits: np.ndarray) -> list[dict]:
+    """[L, h, w] patch logits -> image-level presence per lesion type by global max pooling (CLPI, SiAN):
+    a lesion is in the image when it is in any patch."""
+    peak = lesion_logits.reshape(len(lesion_logits), -1).max(axis=1)
+    probability = 1.0 / (1.0 + np.exp(-peak))
+    return [{"code": lesion.code, "name": lesion.name, "probability": round(float(p), 4)}
+            for lesion, p in zip(LESIONS, probability)]
 
 
 def _ms(seconds: float) -> float:
