@@ -57,3 +57,17 @@ def onnx_bundle(tiny_checkpoint, phantom_test, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundles") / "tiny-onnx"
     return export(ExportConfig(checkpoint=tiny_checkpoint.checkpoint, out=out, reference_images=phantom_test,
                                reference_count=8), log=lambda _: None)
+
+
+@pytest.fixture
+def insert_step(monkeypatch):
+    """insert_step(target, after, step): run `step` right after `after` in a target, for this test only
+    (how the gate tests break an artifact on purpose)."""
+    from edgeretina.export import targets
+
+    def insert(target: str, after, step) -> None:
+        steps = list(targets.TARGETS[target])
+        steps.insert(steps.index(after) + 1, step)
+        monkeypatch.setitem(targets.TARGETS, target, steps)
+
+    return insert

@@ -7,7 +7,6 @@ import pytest
 from edgeretina.bundle import load_bundle
 from edgeretina.errors import ExportError, GateError
 from edgeretina.export import ExportConfig, export
-from edgeretina.export import targets as targets_module
 from edgeretina.export.onnx_steps import export_onnx_fp32
 from edgeretina.runtime.backends import create_runner
 from edgeretina.training.checkpoint import load_checkpoint
@@ -63,10 +62,8 @@ def _corrupt_largest_weight(ctx):
     onnx.save(graph, str(ctx.onnx_path))
 
 
-def test_gate_refuses_a_corrupted_graph(tiny_checkpoint, phantom_test, tmp_path, monkeypatch):
-    steps = list(targets_module.TARGETS["onnx"])
-    steps.insert(steps.index(export_onnx_fp32) + 1, _corrupt_largest_weight)
-    monkeypatch.setitem(targets_module.TARGETS, "onnx", steps)
+def test_gate_refuses_a_corrupted_graph(tiny_checkpoint, phantom_test, tmp_path, insert_step):
+    insert_step("onnx", export_onnx_fp32, _corrupt_largest_weight)
     out = tmp_path / "corrupt"
     with pytest.raises(GateError) as info:
         export(ExportConfig(checkpoint=tiny_checkpoint.checkpoint, out=out, reference_images=phantom_test,

@@ -10,7 +10,6 @@ from edgeretina.bundle import load_bundle
 from edgeretina.dataset import read_labels
 from edgeretina.errors import ConfigError, GateError
 from edgeretina.export import ExportConfig, export
-from edgeretina.export import targets as targets_module
 from edgeretina.export.quantize_ort import (FLOAT_SCOPES, Candidate, _choose, near_threshold_count,
                                            quantize_int8, schemes_for)
 from edgeretina.runtime.grader import Grader
@@ -102,10 +101,8 @@ def _scramble_quantized_weights(ctx):
     onnx.save(graph, str(ctx.onnx_path))
 
 
-def test_gate_refuses_broken_int8_weights(tiny_checkpoint, phantom_test, tmp_path, monkeypatch):
-    steps = list(targets_module.TARGETS["cpu"])
-    steps.insert(steps.index(quantize_int8) + 1, _scramble_quantized_weights)
-    monkeypatch.setitem(targets_module.TARGETS, "cpu", steps)
+def test_gate_refuses_broken_int8_weights(tiny_checkpoint, phantom_test, tmp_path, insert_step):
+    insert_step("cpu", quantize_int8, _scramble_quantized_weights)
     out = tmp_path / "broken"
     with pytest.raises(GateError) as info:
         export(ExportConfig(checkpoint=tiny_checkpoint.checkpoint, out=out, target="cpu", precision="int8-static",
