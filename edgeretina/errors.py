@@ -13,10 +13,6 @@ class ImageDecodeError(EdgeRetinaError):
     """A file could not be read as an image (empty, truncated, not an image, unsupported)."""
 
 
-class ImageQualityError(EdgeRetinaError):
-    """An image decoded but cannot be preprocessed (e.g. no field of view at all)."""
-
-
 class DatasetError(EdgeRetinaError):
     """A dataset (labels.csv and its images) is missing, malformed or unusable."""
 

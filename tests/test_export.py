@@ -25,6 +25,7 @@ def test_bundle_layout_and_manifest(onnx_bundle):
     assert m.bank["count"] > 0 and m.bank["dim"] == m.model["embed_dim"]
     assert m.export["gate"]["onnx-fp32"]["passed"] is True
     assert m.export["steps"][0] == "load_reference"
+    assert m.saliency["tokens"].startswith("vit: patch tokens")
 
 
 def test_onnx_graph_contract(onnx_bundle):

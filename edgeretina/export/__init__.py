@@ -57,7 +57,8 @@ def _manifest(ctx: ExportContext) -> Manifest:
                  "names": list(model.output_names), "shapes": {n: shapes[n] for n in model.output_names}},
         grading=ckpt.grading.to_dict(),
         saliency={"grid": [h, w], "method": "patch-prototype similarity: sigmoid(scale * (max cos to a DR grade "
-                                            "prototype - cos to the no-DR prototype) + bias)"},
+                                            "prototype - cos to the no-DR prototype) + bias)",
+                  "tokens": model.backbone.token_path},
         bank=ctx.bank_info,
         artifacts=ctx.artifacts,
         export={"target": ctx.config.target, "opset": ctx.config.opset, "steps": ctx.steps_done,
