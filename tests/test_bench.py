@@ -1,0 +1,117 @@
+"""edgeretina bench: real worker processes on the tiny bundle, few runs (the numbers are not the point
+here; their shape, order and bookkeeping are)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import pytest
+
+from edgeretina.errors import ConfigError
+from edgeretina.runtime.bench import BenchConfig, fidelity_vs_reference, format_table, run_bench, write_results
+
+REQUIRED = ("bundle", "backend", "precision", "threads", "batch", "size_mb", "p50_ms", "p90_ms", "p99_ms",
+            "throughput_ips", "peak_rss_mb", "speedup_vs_reference", "agreement", "cosine")
+
+
+@pytest.fixture(scope="module")
+def bench_result(onnx_bundle, phantom_test):
+    config = BenchConfig(bundles=[Path(onnx_bundle)], reference=Path(onnx_bundle),
+                         backends=["onnxruntime", "openvino", "tensorrt"], threads=[1, 2], batches=[1],
+                         images=Path(phantom_test), runs=6, warmup=1, rounds=2)
+    return run_bench(config)
+
+
+def _measured(result):
+    return [r for r in result.rows if "skipped" not in r]
+
+
+def test_rows_have_the_required_keys_and_sane_values(bench_result):
+    rows = _measured(bench_result)
+    assert {(r["backend"], r["threads"]) for r in rows} == {(b, t) for b in ("onnxruntime", "openvino") for t in (1, 2)}
+    for row in rows:
+        assert set(REQUIRED) <= set(row), row
+        assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+        assert row["peak_rss_mb"] > 0 and row["size_mb"] > 0 and row["runs"] == 6
+        assert row["load_s"] > 0 and row["cold_ms"] > 0
+        # throughput = batch / mean latency: near batch / median for a stable run
+        assert 0.3 < row["throughput_ips"] / (row["batch"] * 1000.0 / row["p50_ms"]) < 3.0
+        assert {"decode", "quality", "preprocess", "inference", "postprocess"} <= set(row["stages_ms"])
+        assert 0.9 <= row["agreement"] <= 1.0 and row["cosine"] > 0.99
+
+
+def test_reference_ratios_are_one_for_the_reference_itself(bench_result):
+    for row in _measured(bench_result):
+        if row["backend"] == "onnxruntime":
+            assert row["reference"] == f"{row['bundle']}/onnxruntime"
+            assert row["speedup_vs_reference"] == 1.0
+            assert row["agreement"] == 1.0 and row["qwk_proxy_delta"] == 0.0
+            assert row["cosine"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_backend_that_cannot_run_is_a_skipped_row_with_the_reason(bench_result):
+    skipped = [r for r in bench_result.rows if "skipped" in r]
+    assert {r["backend"] for r in skipped} == {"tensorrt"}
+    assert all("tensorrt-plan" in r["skipped"] for r in skipped)
+    assert "skipped" in format_table(bench_result)
+
+
+def test_json_and_png_are_written(bench_result, tmp_path):
+    json_path, png_path = write_results(bench_result, tmp_path / "out")
+    data = json.loads(json_path.read_text())
+    assert data["rows"] == bench_result.rows
+    assert data["machine"]["cores"] >= 1 and "numpy" in data["machine"]["libraries"]
+    image = cv2.imread(str(png_path))
+    assert image is not None and image.shape[2] == 3
+    assert not list((tmp_path / "out").glob(".*tmp*"))
+
+
+def test_a_worker_that_fails_becomes_a_skipped_row(onnx_bundle, phantom_test, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(onnx_bundle, broken)
+    with open(broken / "model.onnx", "r+b") as fh:   # sha256 no longer matches: the worker's strict load fails
+        fh.seek(100)
+        fh.write(b"\0" * 16)
+    config = BenchConfig(bundles=[broken], backends=["onnxruntime", "nosuch"], images=Path(phantom_test),
+                         runs=1, warmup=0, rounds=1)
+    rows = run_bench(config).rows
+    assert len(rows) == 2 and all("skipped" in r for r in rows)
+    assert "sha256" in rows[0]["skipped"] and "nosuch" in rows[1]["skipped"]
+
+
+def test_fidelity_counts_only_images_both_graded():
+    reference = {"files": ["a", "b", "c"], "grades": [0, 2, 4], "embeddings": [[1, 0], [0, 1], [1, 1]]}
+    candidate = {"files": ["b", "c"], "grades": [2, 3], "embeddings": [[0, 2], [1, -1]]}
+    fidelity = fidelity_vs_reference(reference, candidate)
+    assert fidelity["agreement"] == 0.5 and fidelity["fidelity_images"] == 2
+    assert fidelity["cosine"] == pytest.approx(0.5)
+    assert 0.0 < fidelity["qwk_proxy_delta"] <= 2.0
+
+
+def test_bad_options_are_config_errors():
+    with pytest.raises(ConfigError):
+        BenchConfig(bundles=[Path("x")], threads=[0])
+    with pytest.raises(ConfigError):
+        BenchConfig(bundles=[])
+
+
+def test_cli_json_rows(onnx_bundle, phantom_test):
+    exe = Path(sys.executable).with_name("edgeretina")
+    result = subprocess.run([str(exe), "bench", str(onnx_bundle), "--backend", "onnxruntime", "--threads", "1",
+                             "--images", str(phantom_test), "--runs", "2", "--warmup", "0", "--rounds", "1", "--json"],
+                            capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert len(rows) == 1 and rows[0]["p50_ms"] > 0 and "speedup_vs_reference" not in rows[0]
+
+
+def test_bench_modules_leave_torch_out():
+    code = ("import sys, edgeretina.runtime.bench, edgeretina.runtime.bench_worker; "
+            "heavy = [m for m in ('torch', 'onnx', 'open_clip') if m in sys.modules]; sys.exit(1 if heavy else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
