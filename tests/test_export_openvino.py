@@ -93,3 +93,21 @@ def test_gate_refuses_a_corrupted_ir(tiny_checkpoint, phantom_test, tmp_path, in
         _export(tiny_checkpoint.checkpoint, out, phantom_test, "fp16")
     assert any("embedding_cosine" in f for f in info.value.failures)
     assert not out.exists()
+
+
+def test_int8_ir_from_the_cpu_targets_qdq_graph(tiny_checkpoint, phantom_test, tmp_path, monkeypatch):
+    """The CNN route (forced here on the ViT fixture): ORT static QDQ converted to an INT8 IR, gated as usual."""
+    from edgeretina.export import targets
+    from edgeretina.export.openvino_steps import OpenVinoOptions, openvino_target
+
+    monkeypatch.setitem(targets.TARGETS, "openvino", openvino_target(OpenVinoOptions(int8_source="ort-qdq")))
+    out = _export(tiny_checkpoint.checkpoint, tmp_path / "qdq", phantom_test, "int8", gate="warn")
+    export_info = json.loads((out / "manifest.json").read_text())["export"]
+    assert export_info["quantization"]["tool"].startswith("onnxruntime")
+    assert export_info["quantization"]["calibration_images"] == 32
+    assert "grade_agreement" in export_info["gate"]["openvino-int8"]["checks"]
+    xml = (out / "model.xml").read_text()
+    assert 'type="FakeQuantize"' in xml or 'element_type="i8"' in xml
+    assert "/model/backbone/" not in xml      # internal names shortened; the outputs keep theirs
+    records = Grader(out).grade([item.path for item in read_labels(phantom_test)][:2])
+    assert all(r.error is None for r in records)

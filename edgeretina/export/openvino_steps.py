@@ -1,4 +1,4 @@
-"""The `openvino` target: ONNX FP32 -> OpenVINO IR, FP16 or NNCF post-training INT8.
+"""The `openvino` target: ONNX FP32 -> OpenVINO IR, FP16 or INT8 (NNCF, or the cpu target's QDQ graph for CNNs).
 
 The IR is written to `ctx.work/openvino/model.xml` (+ .bin) by each step and shipped last, so a step
 inserted between them (a test's corruption, a future pruning pass) sees the current IR at one path.
@@ -31,6 +31,16 @@ HEAD_PATTERNS = (r"/model/(?!backbone/).*", r".*/attnpool/.*", r"/model/backbone
 # ratio 0.348. Demo tiny-rn, 64 references, MINMAX ranges: min cosine 0.986 -> 0.989, KNN 0.70 -> 0.73
 # with these float. The heads after the backbone too gave min cosine 0.991, KNN 0.77, agreement 0.969,
 # but size 0.354 (over the 0.35 bar), so they stay quantized.
+# Issue 3 continued, 256 calibration images (MINMAX, mixed, full bias correction): agreement 0.969 (flip on
+# the image 0.023 from a threshold), min cosine 0.987, KNN 0.76, size 0.348; still fails 0.98. Measured and
+# not better: bias correction off 0.9375 (logit error 0.052); layer2 float instead of layer1 0.9375 (0.058).
+# Also measured: overflow_fix 0.969, SmoothQuant alphas 0.5 no change, heads float instead of layer1 0.9375
+# at size 0.386 (the IR keeps float weights as FP16, the heads are large). NNCF's INT8 ordinal-logit error
+# stays ~0.05 against ORT's 0.027 with the same layers float. So for CNN towers the IR is converted from
+# the cpu target's static QDQ graph (`int8_source`): OpenVINO reads Q/DQ pairs as INT8 (same ranges, same
+# kept-float layers): agreement 0.984 (one flip, 0.004 from a threshold), min cosine 0.996, KNN 0.82,
+# 2.6 ms 1-thread. Its XML names every Q/DQ tensor; the long exporter names alone cost 0.003 of the
+# size ratio (0.351 -> 0.349), so internal names are shortened first (graph inputs/outputs keep theirs).
 SENSITIVE_PATTERNS = (r"/model/backbone/(conv[123]|layer1)/.*", r".*/attnpool/(MatMul_3|MatMul_4|Gemm)")
 PRECISIONS = ("fp16", "int8")
 DEFAULT_PRECISION = "int8"
@@ -59,6 +69,9 @@ class OpenVinoOptions:
     # not raise the embedding cosine and the attention pool holds ~40% of the weights (size ratio 0.73)
     keep_heads_float: bool = False
     keep_sensitive_float: bool = True        # SENSITIVE_PATTERNS stay float
+    # "auto": the cpu target's ORT static QDQ graph, converted, for CNN towers (measured above); NNCF for
+    # ViTs (its TRANSFORMER model type keeps softmax/LayerNorm inputs float and smooths the MatMuls)
+    int8_source: Literal["auto", "nncf", "ort-qdq"] = "auto"
 
 
 def openvino_target(options: OpenVinoOptions = OpenVinoOptions()) -> list[Step]:
@@ -131,6 +144,9 @@ def quantize_openvino_int8(ctx: ExportContext, options: OpenVinoOptions = OpenVi
         import nncf
     except ImportError:
         raise MissingDependencyError("nncf", "openvino", "INT8 quantization for OpenVINO") from None
+    if _int8_source(ctx, options) == "ort-qdq":
+        _quantize_via_ort_qdq(ctx, ov)
+        return
     model = ov.Core().read_model(str(ir_path(ctx)))
     settings = _quantization_settings(ctx, options, nncf)
     calibration = nncf.Dataset([x[None] for x in ctx.calibration_inputs], _as_feed)
@@ -145,6 +161,58 @@ def quantize_openvino_int8(ctx: ExportContext, options: OpenVinoOptions = OpenVi
     ctx.export_info["quantization"] = _describe_quantization(ctx, options, settings, quantized)
     ctx.log(f"quantized to INT8 with NNCF ({ctx.export_info['quantization']['mode']}, "
             f"{settings['subset_size']} calibration images)")
+
+
+def _int8_source(ctx: ExportContext, options: OpenVinoOptions) -> str:
+    if options.int8_source != "auto":
+        return options.int8_source
+    return "nncf" if ctx.checkpoint.model.backbone.kind == "vit" else "ort-qdq"
+
+
+def _quantize_via_ort_qdq(ctx: ExportContext, ov) -> None:
+    """The cpu target's static QDQ graph (quantize_ort.py) as the INT8 IR; Q/DQ become FakeQuantize."""
+    from edgeretina.export.quantize_ort import FLOAT_SCOPES, OrtInt8Options, build_static_qdq
+
+    qdq = build_static_qdq(ctx)
+    compact = _with_short_names(qdq, ctx.work / "model_int8_qdq_short.onnx")
+    replace_ir(ctx, ov.convert_model(str(compact)))
+    options = OrtInt8Options()
+    ctx.export_info["quantization"] = {
+        "tool": "onnxruntime.quantization -> openvino", "mode": "post-training",
+        "format": "static QDQ, U8 activations (MinMax), INT8 per-channel weights",
+        "calibration_images": len(ctx.calibration_inputs),
+        "kept_float": {"op_types": list(options.float_op_types), "heads": options.keep_heads_float,
+                       "activation_matmuls": options.keep_activation_matmuls_float, "scopes": list(FLOAT_SCOPES)},
+        "reason": "NNCF INT8 failed grade agreement on the demo CNN (ordinal-logit error ~0.05 vs 0.027)",
+    }
+    ctx.log(f"quantized to INT8 via ONNX Runtime static QDQ ({len(ctx.calibration_inputs)} calibration images)")
+
+
+def _with_short_names(src: Path, dst: Path) -> Path:
+    """Copy of an ONNX graph with short node and internal tensor names (the IR's XML stores each one);
+    graph inputs and outputs keep theirs, which is all the runtime looks up."""
+    import onnx
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    public = {v.name for v in graph.input} | {v.name for v in graph.output}
+    renamed: dict[str, str] = {}
+
+    def short(name: str) -> str:
+        if not name or name in public:
+            return name
+        return renamed.setdefault(name, f"t{len(renamed)}")
+
+    for tensor in graph.initializer:
+        tensor.name = short(tensor.name)
+    for info in graph.value_info:
+        info.name = short(info.name)
+    for index, node in enumerate(graph.node):
+        node.name = f"n{index}"
+        node.input[:] = [short(name) for name in node.input]
+        node.output[:] = [short(name) for name in node.output]
+    onnx.save(model, str(dst))
+    return dst
 
 
 def _quantization_settings(ctx: ExportContext, options: OpenVinoOptions, nncf) -> dict[str, Any]:

@@ -28,6 +28,19 @@ Kept in float, each measured (see the `cpu` target report in the commit):
   symmetric activations lose half the U8 range after ReLU (cosine 0.885): MinMax, asymmetric U8 stays.
   The 2 flips left sit 0.004 and 0.023 from a CORAL threshold (mean INT8 logit error 0.029): rounding
   noise, not damage. `near_threshold` in the manifest counts such images.
+  Issue 3 continued, to make static (3.9 ms, against dynamic 12.7 ms and FP32 7.3 ms) pass. Same set-up,
+  ordinal-logit error (mean) and flips [margin of the flipped image]:
+  - more calibration images from the training set (prepared exactly like the runtime: export/reference.py,
+    checked bit-identical): 64 -> 0.029, 2 flips [0.004, 0.023]; 128 0.043, 1 [0.023]; 192 0.038, 1 [0.023];
+    256 0.026, 2 [0.004, 0.023]. Fewer than 256 pass by luck (larger error), so 256 is what to use.
+  - CalibMovingAverage: error 0.13-0.16 and min cosine 0.97 (clips the embedding): no.
+  - bias correction (ORT has none): float biases (QuantizeBias off) corrected conv by conv, in graph order,
+    by the mean FP32-vs-INT8 pre-activation difference on the calibration set: 64 images 0.029 -> 0.031,
+    256 0.026 -> 0.027. The error is not a mean shift here, so it is not done.
+  - layer2 in float too (`FLOAT_SCOPES`), 256 images: error 0.027, 1 flip [0.004], min cosine 0.997,
+    KNN 0.81, size 0.33 (under 0.35); attention-pool q/k in float: size 0.58, over the bar.
+    With layer2 float, 64 or 128 images: 2 flips [0.023, 0.024] (error 0.030): the pass needs the 256, and
+    it still hangs on near-threshold images (11 of 64 within 0.1), so treat it as a margin of one image.
 """
 
 from __future__ import annotations
@@ -48,9 +61,11 @@ from edgeretina.export.steps import ExportContext
 SCHEMES = ("dynamic", "static")
 PRECISION_SCHEMES = {"int8": SCHEMES, "int8-dynamic": ("dynamic",), "int8-static": ("static",)}
 BACKBONE_SCOPE = "/backbone/"            # the TorchScript exporter names nodes by module path
-# Node-name fragments kept float (see the module docstring): the CNN stem, its first stage, and the
+# Node-name fragments kept float (see the module docstring): the CNN stem, its first two stages, and the
 # attention pool's value projection and output projection (names the TorchScript exporter gives them).
-FLOAT_SCOPES = ("/backbone/conv1/", "/backbone/conv2/", "/backbone/conv3/", "/backbone/layer1/",
+# The cpu target wants 256 calibration images (ExportConfig.calibration_count): see the docstring.
+RECOMMENDED_CALIBRATION_IMAGES = 256
+FLOAT_SCOPES = ("/backbone/conv1/", "/backbone/conv2/", "/backbone/conv3/", "/backbone/layer1/", "/backbone/layer2/",
                 "/attnpool/MatMul_3", "/attnpool/MatMul_4", "/attnpool/Gemm")
 NEAR_THRESHOLD_MARGIN = 0.1   # ordinal logits this close to a threshold flip on rounding noise alone
 CPU_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
@@ -107,10 +122,21 @@ def quantize_int8(ctx: ExportContext, options: OrtInt8Options = OrtInt8Options()
                        "activation_matmuls": options.keep_activation_matmuls_float,
                        "scopes": list(options.float_scopes)},
         "calibration_method": "MinMax (Percentile clipped the embedding, Entropy gave the same ranges)",
+        "calibration_images": len(ctx.calibration_inputs),
         "near_threshold": near_threshold_count(ctx),
         "cpu": {"machine": platform.machine(), "flags": cpu_flags()},
     }
     ctx.log(f"INT8 {chosen.scheme} chosen: {reason}")
+    if "static" in schemes and len(ctx.calibration_inputs) < RECOMMENDED_CALIBRATION_IMAGES:
+        ctx.log(f"note: {len(ctx.calibration_inputs)} calibration images; static INT8 ranges were steadiest "
+                f"with {RECOMMENDED_CALIBRATION_IMAGES} (calibration_count)")
+
+
+def build_static_qdq(ctx: ExportContext, options: OrtInt8Options = OrtInt8Options()) -> Path:
+    """The static U8S8 QDQ graph of the cpu target, for a target that converts it further (openvino)."""
+    _require_onnxruntime()
+    prepared = _pre_process(ctx)
+    return _build(ctx, prepared, "static", _nodes_kept_float(prepared, options), options)
 
 
 def gate_onnx_int8(ctx: ExportContext, thresholds: GateThresholds = INT8_THRESHOLDS) -> None:
