@@ -16,7 +16,7 @@ def export(
     precision: Annotated[Optional[str], typer.Option("--precision", help="fp32 | fp16 | int8 (default: the target's).")] = None,
     reference: Annotated[Optional[Path], typer.Option("--reference", help="Held-out images (labels.csv or folder) for the gate.")] = None,
     calibration: Annotated[Optional[Path], typer.Option("--calibration", help="INT8 calibration images (folder or labels.csv), ideally from the target camera.")] = None,
-    calibration_count: Annotated[int, typer.Option("--calibration-count", min=1, help="Calibration images used.")] = 64,
+    calibration_count: Annotated[int, typer.Option("--calibration-count", min=1, help="Calibration images used.")] = 256,
     gate: Annotated[str, typer.Option("--gate", help="fail | warn | off")] = "fail",
     opset: Annotated[int, typer.Option("--opset")] = 17,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing bundle.")] = False,
