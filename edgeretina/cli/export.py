@@ -15,6 +15,7 @@ def export(
     target: Annotated[str, typer.Option("--target", "-t", help="Export target preset.")] = "onnx",
     precision: Annotated[Optional[str], typer.Option("--precision", help="fp32 | fp16 | int8 (default: the target's).")] = None,
     reference: Annotated[Optional[Path], typer.Option("--reference", help="Held-out images (labels.csv or folder) for the gate.")] = None,
+    reference_count: Annotated[int, typer.Option("--reference-count", min=2, help="Held-out images the gate compares on.")] = 64,
     calibration: Annotated[Optional[Path], typer.Option("--calibration", help="INT8 calibration images (folder or labels.csv), ideally from the target camera.")] = None,
     calibration_count: Annotated[int, typer.Option("--calibration-count", min=1, help="Calibration images used.")] = 256,
     gate: Annotated[str, typer.Option("--gate", help="fail | warn | off")] = "fail",
@@ -27,7 +28,7 @@ def export(
     """Export a checkpoint to a verified bundle (ONNX, feature bank, manifest)."""
     from edgeretina.export import ExportConfig, export as run_export
 
-    config = ExportConfig(checkpoint=checkpoint, out=out, target=target, precision=precision, reference_images=reference, calibration_images=calibration, calibration_count=calibration_count, gate=gate,
+    config = ExportConfig(checkpoint=checkpoint, out=out, target=target, precision=precision, reference_images=reference, reference_count=reference_count, calibration_images=calibration, calibration_count=calibration_count, gate=gate,
                           opset=opset, overwrite=overwrite, zip=as_zip, trt_version=trt_version, prune=prune)
     path = run_export(config, log=lambda line: typer.echo(line, err=True))
     typer.echo(str(path))

@@ -28,7 +28,7 @@ class ExportConfig:
     calibration_images: Path | None = None  # labels.csv or folder from the target camera; default: phantom set
     calibration_count: int = 256             # INT8 of the demo CNN passes the gate from 256, not at 64 or 128
     reference_images: Path | None = None    # labels.csv or folder of held-out images for the checks
-    reference_count: int = 16
+    reference_count: int = 64               # held-out images the gate compares on (one flip = 1.6%)
     gate: GateMode = "fail"
     overwrite: bool = False
     zip: bool = False
