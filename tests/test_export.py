@@ -54,6 +54,36 @@ def test_existing_output_is_not_overwritten(onnx_bundle, tiny_checkpoint):
         export(ExportConfig(checkpoint=tiny_checkpoint.checkpoint, out=onnx_bundle), log=lambda _: None)
 
 
+def test_int8_bank_and_k_through_the_cli(tiny_checkpoint, phantom_test, tmp_path):
+    import subprocess
+    import sys
+
+    from edgeretina.runtime.grader import Grader
+
+    out = tmp_path / "int8-bank"
+    done = subprocess.run([sys.executable, "-c", "from edgeretina.cli import main; main()", "export",
+                           str(tiny_checkpoint.checkpoint), "--out", str(out), "--reference", str(phantom_test),
+                           "--reference-count", "8", "--bank-dtype", "int8", "--knn-k", "7"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    bank = load_bundle(out).manifest.bank
+    assert (bank["dtype"], bank["k"]) == ("int8", 7)
+    assert bank["storage_fidelity"]["topk_overlap"] >= 0.9              # rounding barely moves the neighbours
+    assert bank["storage_fidelity"]["max_similarity_error"] < 5e-3
+    with np.load(out / "bank.npz") as data:
+        assert data["embeddings"].dtype == np.int8 and data["case_ids"].dtype.kind == "S"
+    record = Grader(out, threads=1).grade([read_labels(phantom_test)[0].path])[0]
+    assert len(record.neighbors) == 7 and record.neighbors[0]["case_id"]
+
+
+def test_bank_options_are_validated(tiny_checkpoint, tmp_path):
+    from edgeretina.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="bank_dtype"):
+        ExportConfig(checkpoint=tiny_checkpoint.checkpoint, out=tmp_path / "x", bank_dtype="int4")
+    with pytest.raises(ConfigError, match="knn_k"):
+        ExportConfig(checkpoint=tiny_checkpoint.checkpoint, out=tmp_path / "x", knn_k=0)
+
+
 def _corrupt_largest_weight(ctx):
     graph = onnx.load(str(ctx.onnx_path))
     largest = max(graph.graph.initializer, key=lambda t: np.prod(t.dims))

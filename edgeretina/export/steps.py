@@ -35,6 +35,8 @@ class ExportConfig:
     seed: int = 0
     trt_version: str = "10"                 # jetson target: TensorRT line on the device (8.5, 8.6, 10)
     prune: bool = False                     # structured pruning + recovery distillation before export
+    bank_dtype: str = "float16"             # feature bank on disk: float16, or int8 + per-row scale (half the bytes)
+    knn_k: int = 5                          # nearest cases the runtime returns per image
 
     def __post_init__(self):
         if self.gate not in ("fail", "warn", "off"):
@@ -45,6 +47,10 @@ class ExportConfig:
             raise ConfigError("reference_count must be at least 2")
         if self.calibration_count < 1:
             raise ConfigError("calibration_count must be at least 1")
+        if self.bank_dtype not in ("float16", "int8"):
+            raise ConfigError(f"bank_dtype must be float16 or int8, not {self.bank_dtype!r}")
+        if self.knn_k < 1:
+            raise ConfigError("knn_k must be at least 1")
 
 
 @dataclass
