@@ -111,3 +111,30 @@ def test_int8_ir_from_the_cpu_targets_qdq_graph(tiny_checkpoint, phantom_test, t
     assert "/model/backbone/" not in xml      # internal names shortened; the outputs keep theirs
     records = Grader(out).grade([item.path for item in read_labels(phantom_test)][:2])
     assert all(r.error is None for r in records)
+
+
+def test_export_records_the_fastest_runtime_precision_and_the_runner_applies_it(ov_bundles):
+    from edgeretina.cpu import precision_class
+
+    for precision, bundle in ov_bundles.items():
+        settings = load_bundle(bundle).manifest.export["runtime"]["openvino"]
+        assert settings["cpu_precision_class"] == precision_class()
+        timed = settings["measured_ms_1_thread"]
+        if timed:   # a CPU with bf16 units: both timed, the faster chosen
+            assert set(timed) == {"f32", "bf16"}
+            assert settings["inference_precision_hint"] == min(timed, key=timed.get)
+        else:
+            assert settings["inference_precision_hint"] == "f32"
+        grader = Grader(bundle, threads=1)
+        assert grader.runner.measured_precision_hint() == settings["inference_precision_hint"]
+        assert grader.runner.inference_precision() == settings["inference_precision_hint"]
+
+
+def test_runtime_precision_measured_on_another_kind_of_cpu_is_not_applied(ov_bundles):
+    from edgeretina.runtime.backends.openvino import OpenVinoRunner
+
+    xml = ov_bundles["int8"] / "model.xml"
+    other_class = {"inference_precision_hint": "f32", "cpu_precision_class": ["amx_int8", "made_up_flag"]}
+    runner = OpenVinoRunner(xml, threads=1, settings=other_class)
+    assert runner.measured_precision_hint() is None and runner.describe()["measured_hint_applied"] is False
+    assert OpenVinoRunner(xml, threads=1).measured_precision_hint() is None        # no settings: OpenVINO's default

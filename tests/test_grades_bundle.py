@@ -91,3 +91,11 @@ def test_not_a_bundle(tmp_path):
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(BundleError, match="neither a bundle directory nor a zip"):
         load_bundle(tmp_path / "file.txt")
+
+
+def test_cpu_precision_class_is_the_bf16_and_amx_subset_of_the_flags():
+    from edgeretina.cpu import cpu_flags, precision_class
+
+    assert precision_class(["avx2", "avx512_bf16", "amx_int8"]) == ["avx512_bf16", "amx_int8"]
+    assert precision_class(["avx2"]) == []
+    assert set(precision_class()) <= set(cpu_flags())

@@ -7,6 +7,8 @@ inserted between them (a test's corruption, a future pruning pass) sees the curr
 from __future__ import annotations
 
 import shutil
+import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +16,7 @@ from typing import Any, Literal
 import numpy as np
 
 from edgeretina.bundle import describe_artifact
+from edgeretina.cpu import cpu_flags, precision_class
 from edgeretina.errors import ConfigError, MissingDependencyError
 from edgeretina.export.bank import write_bank
 from edgeretina.export.gate import INT8_THRESHOLDS, GateThresholds, agreement_kappa, run_gate
@@ -78,7 +81,7 @@ def openvino_target(options: OpenVinoOptions = OpenVinoOptions()) -> list[Step]:
     """The target's steps; `options` only affect the INT8 quantization step."""
     return [load_reference, export_onnx_fp32, check_onnx, load_calibration_for_int8, convert_to_openvino_ir,
             _named(lambda ctx: quantize_openvino_int8(ctx, options), "quantize_openvino_int8"),
-            gate_openvino, ship_openvino_ir, write_bank]
+            choose_runtime_precision, gate_openvino, ship_openvino_ir, write_bank]
 
 
 def _named(step: Step, name: str) -> Step:
@@ -278,15 +281,46 @@ def _describe_quantization(ctx: ExportContext, options: OpenVinoOptions, setting
     }
 
 
+def choose_runtime_precision(ctx: ExportContext, runs: int = 12, rounds: int = 3) -> None:
+    """Time the IR under each inference precision this CPU offers (1 thread, interleaved rounds) and record
+    the fastest as the runtime setting (manifest export.runtime.openvino; runners/openvino.py applies it on
+    a CPU of the same precision class). Without bf16 units there is only f32: nothing to time."""
+    hints = ["f32"] + (["bf16"] if {"avx512_bf16", "amx_bf16"} & set(cpu_flags()) else [])
+    medians = _median_ms_per_hint(ir_path(ctx), hints, ctx.reference_inputs[:1], runs, rounds) if len(hints) > 1 else {}
+    chosen = min(medians, key=medians.get) if medians else hints[0]
+    ctx.export_info.setdefault("runtime", {})["openvino"] = {
+        "inference_precision_hint": chosen, "cpu_precision_class": precision_class(),
+        "measured_ms_1_thread": medians, "device": "CPU"}
+    timing = ", ".join(f"{h} {ms:.1f} ms" for h, ms in medians.items()) or "only f32 on this CPU"
+    ctx.log(f"OpenVINO runtime precision: {chosen} ({timing}, 1 thread)")
+
+
+def _median_ms_per_hint(xml: Path, hints: list[str], image: np.ndarray, runs: int, rounds: int) -> dict[str, float]:
+    ov = _ov()
+    core = ov.Core()
+    compiled = {hint: core.compile_model(str(xml), "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": "1",
+                                                           "INFERENCE_PRECISION_HINT": hint}) for hint in hints}
+    requests = {hint: model.create_infer_request() for hint, model in compiled.items()}
+    times: dict[str, list[float]] = {hint: [] for hint in hints}
+    for request in requests.values():
+        request.infer({"image": image})                        # first call allocates: not timed
+    for _ in range(rounds):
+        for hint, request in requests.items():
+            for _ in range(max(1, runs // rounds)):
+                started = time.perf_counter()
+                request.infer({"image": image})
+                times[hint].append((time.perf_counter() - started) * 1e3)
+    return {hint: round(statistics.median(values), 2) for hint, values in times.items()}
+
+
 def gate_openvino(ctx: ExportContext) -> None:
-    """Run the IR with the runtime's own OpenVINO runner (CPU defaults, as on the device) and compare."""
+    """Run the IR with the runtime's own OpenVINO runner (the recorded runtime settings, as on the device)
+    and compare."""
     from edgeretina.runtime.backends.openvino import OpenVinoRunner
 
     precision = target_precision(ctx)
-    runner = OpenVinoRunner(ir_path(ctx))
-    ctx.export_info.setdefault("quantization", {})["inference_precision_hint"] = (
-        f"{runner.inference_precision()} on the export machine's CPU: OpenVINO computes FP32/FP16 layers in "
-        "bf16 where the CPU has bf16 units; set INFERENCE_PRECISION_HINT=f32 on the device to rule that out")
+    runner = OpenVinoRunner(ir_path(ctx), settings=ctx.export_info.get("runtime", {}).get("openvino"))
+    ctx.export_info.setdefault("quantization", {})["inference_precision"] = runner.inference_precision()
     thresholds = INT8_THRESHOLDS if precision == "int8" else FP16_THRESHOLDS
     run_gate(ctx, runner.run(ctx.reference_inputs), thresholds, f"openvino-{precision}", model_bytes=_ir_bytes(ctx))
 

@@ -53,6 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeretina.cpu import cpu_flags
 from edgeretina.errors import ConfigError, ExportError, MissingDependencyError
 from edgeretina.export.gate import INT8_THRESHOLDS, GateThresholds, compare, run_gate
 from edgeretina.export.onnx_steps import ship_onnx
@@ -68,7 +69,6 @@ RECOMMENDED_CALIBRATION_IMAGES = 256
 FLOAT_SCOPES = ("/backbone/conv1/", "/backbone/conv2/", "/backbone/conv3/", "/backbone/layer1/", "/backbone/layer2/",
                 "/attnpool/MatMul_3", "/attnpool/MatMul_4", "/attnpool/Gemm")
 NEAR_THRESHOLD_MARGIN = 0.1   # ordinal logits this close to a threshold flip on rounding noise alone
-CPU_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 
 # Issue 3: grades may move on at most 2% of images, QWK by 0.01, no embedding below 0.98 cosine, and the
 # model must shrink to a third of FP32. Saliency and KNN get the slack INT8 needs: top-10 overlap swings
@@ -154,17 +154,6 @@ def schemes_for(precision: str | None) -> tuple[str, ...]:
         raise ConfigError(f"the cpu target ships INT8: precision must be one of {', '.join(PRECISION_SCHEMES)}, "
                           f"not {precision!r}")
     return PRECISION_SCHEMES[key]
-
-
-def cpu_flags() -> list[str]:
-    """The instruction-set flags that decide which INT8 kernels MLAS can use (empty off Linux)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    present = set(line.split(":", 1)[-1].split())
-    return [flag for flag in CPU_FLAGS_OF_INTEREST if flag in present]
 
 
 def near_threshold_count(ctx: ExportContext, margin: float = NEAR_THRESHOLD_MARGIN) -> dict:

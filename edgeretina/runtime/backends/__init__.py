@@ -26,8 +26,9 @@ def formats_for(backend: str) -> tuple[str, ...]:
     return _BACKENDS[backend][2]
 
 
-def create_runner(backend: str, model_path: Path, threads: int | None = None, device: str | None = None) -> Runner:
+def create_runner(backend: str, model_path: Path, threads: int | None = None, device: str | None = None,
+                  settings: dict | None = None) -> Runner:
     formats_for(backend)  # raises for an unknown name
     module_name, class_name, _ = _BACKENDS[backend]
     runner_cls = getattr(importlib.import_module(module_name), class_name)
-    return runner_cls(model_path, threads=threads, device=device)
+    return runner_cls(model_path, threads=threads, device=device, settings=settings)

@@ -17,10 +17,14 @@ class Runner(ABC):
 
     name: str = "base"
 
-    def __init__(self, model_path: Path, threads: int | None = None, device: str | None = None):
+    def __init__(self, model_path: Path, threads: int | None = None, device: str | None = None,
+                 settings: dict | None = None):
+        """settings: the backend's runtime settings that export measured as fastest (manifest
+        export.runtime[backend]); a runner applies what still holds on this device."""
         self.model_path = Path(model_path)
         self.threads = threads
         self.device = device
+        self.settings = dict(settings or {})
 
     @abstractmethod
     def _infer(self, images: np.ndarray) -> dict[str, np.ndarray]:

@@ -19,8 +19,9 @@ _DEVICE_PROVIDERS = {
 class OnnxRuntimeRunner(Runner):
     name = "onnxruntime"
 
-    def __init__(self, model_path: Path, threads: int | None = None, device: str | None = None):
-        super().__init__(model_path, threads, device or "cpu")
+    def __init__(self, model_path: Path, threads: int | None = None, device: str | None = None,
+                 settings: dict | None = None):
+        super().__init__(model_path, threads, device or "cpu", settings)
         try:
             import onnxruntime as ort
         except ImportError:

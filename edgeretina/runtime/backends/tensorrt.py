@@ -93,8 +93,9 @@ def device_name() -> str:
 class TensorRtRunner(Runner):
     name = "tensorrt"
 
-    def __init__(self, model_path: Path, threads: int | None = None, device: str | None = None):
-        super().__init__(model_path, threads, device or "cuda")
+    def __init__(self, model_path: Path, threads: int | None = None, device: str | None = None,
+                 settings: dict | None = None):
+        super().__init__(model_path, threads, device or "cuda", settings)
         trt = import_tensorrt()
         self._cudart = _cudart()
         check_engine_compatibility(recorded_engine_info(self.model_path), trt.__version__, device_name())
