@@ -38,12 +38,15 @@ def test_rows_have_the_required_keys_and_sane_values(bench_result):
     for row in rows:
         assert set(REQUIRED) <= set(row), row
         assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+        assert row["p50_with_overlay_ms"] > row["p50_ms"]               # the same calls plus rendering
         assert row["peak_rss_mb"] > 0 and row["size_mb"] > 0 and row["runs"] == 6
         assert row["load_s"] > 0 and row["cold_ms"] > 0
         # throughput = batch / mean latency: near batch / median for a stable run
         assert 0.3 < row["throughput_ips"] / (row["batch"] * 1000.0 / row["p50_ms"]) < 3.0
-        assert {"decode", "quality", "preprocess", "inference", "postprocess"} <= set(row["stages_ms"])
+        assert {"decode", "quality", "preprocess", "inference", "postprocess", "knn", "overlay"} <= set(row["stages_ms"])
         assert 0.9 <= row["agreement"] <= 1.0 and row["cosine"] > 0.99
+        assert row["scheme"] == "fp32" and row["knn_scorer"] == "numpy-float32"     # float16 bank: numpy scores it
+        assert (row["compute_precision"] is None) == (row["backend"] == "onnxruntime")   # OpenVINO says what it ran in
 
 
 def test_reference_ratios_are_one_for_the_reference_itself(bench_result):

@@ -31,15 +31,14 @@ import cv2
 import numpy as np
 
 from edgeretina.atomic import write_json_atomic
+from edgeretina.cpu import cpu_info
 from edgeretina.bundle import load_bundle
 from edgeretina.dataset import IMAGE_SUFFIXES, read_labels
 from edgeretina.errors import ConfigError, EdgeRetinaError
 from edgeretina.metrics import quadratic_weighted_kappa
 from edgeretina.runtime.backends import formats_for
 
-STAGES = ("decode", "quality", "preprocess", "inference", "postprocess", "overlay")
-CPU_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_int8", "amx_bf16",
-                         "avx_vnni", "asimd", "asimddp", "i8mm")
+STAGES = ("decode", "quality", "preprocess", "inference", "postprocess", "knn", "overlay")
 LIBRARIES = ("numpy", "onnxruntime", "openvino", "opencv-python-headless", "opencv-python", "tensorrt")
 
 
@@ -180,6 +179,7 @@ class _Measured:
     skipped: str | None = None
     ready: dict = field(default_factory=dict)
     latencies_ms: list[float] = field(default_factory=list)
+    with_overlay_ms: list[float] = field(default_factory=list)   # the same calls plus rendering their overlays
     stages: list[dict] = field(default_factory=list)
     fidelity: dict | None = None
     peak_rss_mb: float = 0.0
@@ -272,6 +272,7 @@ def _measure_rounds(measured: list[_Measured], config: BenchConfig, log) -> None
                 _skip(m, str(exc))
                 continue
             m.latencies_ms += reply["latencies_ms"]
+            m.with_overlay_ms += reply["with_overlay_ms"]
             m.stages += reply["stages"]
 
 
@@ -312,16 +313,32 @@ def _row(m: _Measured) -> dict:
     p50, p90, p99 = (float(v) for v in np.percentile(lat, [50, 90, 99]))
     return row | {
         "precision": m.ready.get("precision"),
+        "scheme": quantization_scheme(s.bundle, m.ready.get("precision")),
+        "compute_precision": m.ready.get("runner", {}).get("inference_precision"),   # OpenVINO: what it ran in
+        "knn_scorer": m.ready.get("knn_scorer"),
         "size_mb": round(model_size_bytes(s.bundle, s.backend) / 1e6, 3),
         "load_s": round(m.ready["load_s"], 3),
         "cold_ms": round(m.ready["cold_ms"], 2),
         "p50_ms": round(p50, 3), "p90_ms": round(p90, 3), "p99_ms": round(p99, 3),
+        "p50_with_overlay_ms": round(float(np.median(m.with_overlay_ms)), 3),
         "runs": len(lat),
         # Images over the time spent grading them: batch / mean latency.
         "throughput_ips": round(s.batch * len(lat) / (lat.sum() / 1000.0), 2),
         "peak_rss_mb": m.peak_rss_mb,
         "stages_ms": _stage_medians(m.stages),
     }
+
+
+def quantization_scheme(bundle: Path, precision: str | None) -> str:
+    """What export chose, from the manifest: e.g. "ORT dynamic U8S8", "NNCF INT8", "ORT static QDQ -> IR"."""
+    quantization = load_bundle(bundle, verify=False).manifest.export.get("quantization", {})
+    if quantization.get("library") == "onnxruntime.quantization":
+        return f"ORT {quantization.get('scheme', '?')} {'U8S8' if quantization.get('activations') == 'uint8' else 'S8S8'}"
+    if quantization.get("tool") == "nncf":
+        return "NNCF INT8"
+    if str(quantization.get("tool", "")).startswith("onnxruntime.quantization ->"):
+        return "ORT static QDQ -> IR"
+    return quantization.get("mode") or (precision or "?")
 
 
 def _stage_medians(stages: list[dict]) -> dict[str, float]:
@@ -385,19 +402,8 @@ def _config_dict(config: BenchConfig, image_count: int) -> dict:
 
 def machine_info() -> dict:
     """CPU model, the ISA flags that decide INT8/BF16 speed, cores and library versions."""
-    model, flags = "", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key in ("model name", "Model") and not model:
-                model = value.strip()
-            elif key in ("flags", "Features") and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    return {"cpu": model or platform.processor(), "machine": platform.machine(),
-            "cpu_flags": [f for f in CPU_FLAGS_OF_INTEREST if f in flags],
+    model, flags = cpu_info()
+    return {"cpu": model, "machine": platform.machine(), "cpu_flags": list(flags),
             "cores": os.cpu_count(), "python": platform.python_version(), "libraries": _library_versions()}
 
 
@@ -413,10 +419,12 @@ def _library_versions() -> dict[str, str]:
 
 # ---------------------------------------------------------------- output
 
-_COLUMNS = (("bundle", "bundle", "{}"), ("backend", "backend", "{}"), ("precision", "prec", "{}"),
+_COLUMNS = (("bundle", "bundle", "{}"), ("backend", "backend", "{}"), ("precision", "prec", "{}"), ("scheme", "scheme", "{}"),
+            ("compute_precision", "computes", "{}"),
             ("threads", "thr", "{}"), ("batch", "batch", "{}"), ("size_mb", "MB", "{:.2f}"),
             ("load_s", "load s", "{:.2f}"), ("cold_ms", "cold ms", "{:.1f}"), ("p50_ms", "p50 ms", "{:.2f}"),
-            ("p90_ms", "p90 ms", "{:.2f}"), ("p99_ms", "p99 ms", "{:.2f}"), ("throughput_ips", "img/s", "{:.1f}"),
+            ("p90_ms", "p90 ms", "{:.2f}"), ("p99_ms", "p99 ms", "{:.2f}"),
+            ("p50_with_overlay_ms", "+overlay", "{:.2f}"), ("throughput_ips", "img/s", "{:.1f}"),
             ("peak_rss_mb", "RSS MB", "{:.0f}"), ("speedup_vs_reference", "speedup", "{:.2f}x"),
             ("agreement", "agree", "{:.3f}"), ("qwk_proxy_delta", "1-QWK", "{:.3f}"), ("cosine", "cosine", "{:.5f}"))
 
@@ -433,7 +441,8 @@ def format_table(result: BenchResult) -> str:
         if "skipped" not in row:
             stages = row["stages_ms"]
             lines.append(f"  {row['bundle']}/{row['backend']} t{row['threads']} b{row['batch']}: "
-                         + "  ".join(f"{s} {stages[s]:.2f}" for s in STAGES if s in stages))
+                         + "  ".join(f"{s} {stages[s]:.2f}" for s in STAGES if s in stages)
+                         + (f"  (knn: {row['knn_scorer']})" if row.get("knn_scorer") else ""))
     for row in result.rows:
         if "skipped" in row:
             lines.append(f"skipped {row['bundle']}/{row['backend']} t{row['threads']} b{row['batch']}: {row['skipped']}")

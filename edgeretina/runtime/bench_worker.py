@@ -6,7 +6,7 @@ A process per configuration keeps peak memory honest (VmHWM is this process only
 backend's thread pools and caches away from the next. The worker loads the bundle, grades once cold,
 then answers requests from the parent, one JSON line in and one JSON line out, so the parent can
 alternate between configurations in rounds:
-  {"op": "runs", "n": K}   -> {"latencies_ms": [...], "stages": [{stage: ms per image}, ...]}
+  {"op": "runs", "n": K}   -> {"latencies_ms": [...], "with_overlay_ms": [...], "stages": [{stage: ms per image}, ...]}
   {"op": "fidelity"}       -> {"files": [...], "grades": [...], "embeddings": [[...], ...]}
   {"op": "stop"}           -> {"peak_rss_mb": ...}
 The first line it writes is {"ready": ...} or {"error": "..."}. Torch-free, like the whole runtime.
@@ -62,12 +62,13 @@ class Worker:
     def timed_runs(self, n: int) -> dict:
         from edgeretina.runtime.overlay import render_overlay
 
-        latencies, stages = [], []
+        latencies, with_overlay, stages = [], [], []
         for _ in range(n):
             paths = self._next_batch()
             started = time.perf_counter()
             graded = list(self.grader.grade_iter(paths, batch_size=self.batch))
             latencies.append((time.perf_counter() - started) * 1000.0)
+            overlays_ms = 0.0
             for item in graded:
                 timings = dict(item.record.timings_ms)
                 # Saliency rendering lives beside the grader (an app renders it on demand): timed on
@@ -76,8 +77,10 @@ class Worker:
                     t0 = time.perf_counter()
                     render_overlay(item.image, item.saliency, item.geometry)
                     timings["overlay"] = (time.perf_counter() - t0) * 1000.0
+                    overlays_ms += timings["overlay"]
                 stages.append(timings)
-        return {"latencies_ms": latencies, "stages": stages}
+            with_overlay.append(latencies[-1] + overlays_ms)
+        return {"latencies_ms": latencies, "with_overlay_ms": with_overlay, "stages": stages}
 
     def fidelity(self) -> dict:
         """Grades and embeddings of every gradable image, straight from the runner on the prepared
@@ -123,7 +126,9 @@ def serve(args: argparse.Namespace, reply: TextIO) -> int:
     except EdgeRetinaError as exc:
         send({"error": str(exc)})
         return 1
-    send({"ready": True, "load_s": worker.load_s, "cold_ms": cold_ms, "precision": worker.grader.precision})
+    grader = worker.grader
+    send({"ready": True, "load_s": worker.load_s, "cold_ms": cold_ms, "precision": grader.precision,
+          "runner": grader.runner.describe(), "knn_scorer": grader.bank.scorer.name if grader.bank is not None else None})
     for request in _requests(sys.stdin):
         op = request.get("op")
         try:

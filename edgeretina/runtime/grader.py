@@ -73,8 +73,10 @@ class Grader:
         self.backend = backend or self._pick_backend()
         model_artifact = self._model_artifact(self.backend)
         self.precision = model_artifact.precision
-        self.runner = create_runner(self.backend, self.bundle.path(model_artifact), threads=threads, device=device)
-        self.bank = FeatureBank.load(self.bundle.root / manifest.bank["file"]) if manifest.bank else None
+        self.runner = create_runner(self.backend, self.bundle.path(model_artifact), threads=threads, device=device,
+                                    settings=manifest.export.get("runtime", {}).get(self.backend))
+        self.bank = (FeatureBank.load(self.bundle.root / manifest.bank["file"], threads,
+                                      use_openvino=self.backend == "openvino") if manifest.bank else None)
         self.k = int(manifest.bank.get("k", 5)) if manifest.bank else 0
 
     def _pick_backend(self) -> str:
@@ -149,6 +151,7 @@ class Grader:
         outputs = self.runner.run(inputs)
         inferred = time.perf_counter()
         results = grade_results(outputs["ordinal_logits"], self.grading)
+        graded = time.perf_counter()
         neighbors = self.bank.search(outputs["embedding"], self.k) if self.bank is not None else [[]] * len(pending)
         finished = time.perf_counter()
         per_image = 1.0 / len(pending)
@@ -165,7 +168,8 @@ class Grader:
             if "lesion_logits" in outputs:
                 record.lesions = lesion_presence(outputs["lesion_logits"][i])
             record.timings_ms.update(inference=_ms((inferred - started) * per_image),
-                                     postprocess=_ms((finished - inferred) * per_image))
+                                     postprocess=_ms((graded - inferred) * per_image),
+                                     knn=_ms((finished - graded) * per_image))
             item.graded.saliency = outputs["saliency"][i]
 
 
