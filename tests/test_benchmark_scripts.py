@@ -1,0 +1,54 @@
+"""benchmarks/reference.py end to end on the tiny preset (the real run builds ViT-B-16 and ViT-S-16)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeretina.bundle import load_bundle
+
+pytest.importorskip("openvino")
+pytest.importorskip("nncf")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reference.py"
+
+
+@pytest.fixture(scope="module")
+def reference_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    done = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--arch", "edgeretina-tiny-vit",
+                           "--bank-size", "500", "--calibration-count", "8", "--reference-count", "4"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_reference_and_best_cpu_bundles_are_built_and_linked(reference_dir):
+    reference = load_bundle(reference_dir / "reference-fp32")
+    assert reference.manifest.artifact("model").precision == "fp32"
+    assert (reference_dir / "best-cpu").resolve() == (reference_dir / "edgeretina-tiny-vit" / "best-cpu").resolve()
+    best = load_bundle(reference_dir / "best-cpu")
+    assert best.manifest.artifact("model").precision == "int8"
+    assert (reference.manifest.bank["dtype"], reference.manifest.bank["k"], reference.manifest.bank["count"]) == ("int8", 10, 500)
+
+
+def test_the_choice_is_the_faster_candidate_and_is_recorded(reference_dir):
+    choice = json.loads((reference_dir / "edgeretina-tiny-vit" / "best-cpu.json").read_text())
+    timed = choice["inference_ms_1_thread"]
+    assert set(timed) == {"cpu", "openvino"} and all(ms > 0 for ms in timed.values())
+    assert choice["chosen_target"] == min(timed, key=timed.get)
+    chosen = load_bundle(reference_dir / "edgeretina-tiny-vit" / "candidates" / choice["chosen_target"])
+    best = load_bundle(reference_dir / "best-cpu")
+    assert best.manifest.artifact("model").sha256 == chosen.manifest.artifact("model").sha256
+    assert json.loads((reference_dir / "choices.json").read_text())[0]["arch"] == "edgeretina-tiny-vit"
+
+
+def test_random_bank_is_unit_norm(reference_dir):
+    with np.load(reference_dir / "reference-fp32" / "bank.npz") as data:
+        rows = data["embeddings"].astype(np.float32) * data["scales"][:, None] + data["offset"]
+    np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, atol=5e-3)
