@@ -2,7 +2,8 @@
 
 Measures, each in a fresh process (so nothing is cached in the interpreter; the OS page cache is warm
 after the first run, which is what a device that grades several patients sees):
-- wall time of `edgeretina grade IMAGE --bundle B --json` (median of N runs, plus min/max);
+- wall time of `edgeretina grade IMAGE --bundle B --json` (median of N runs, plus min/max) and the
+  peak resident memory of those grading processes (the largest VmHWM among them, from getrusage);
 - `python -X importtime -c "import edgeretina.runtime"`: total import time and the slowest top-level
   packages (cumulative microseconds), to tell where a slow start comes from.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -73,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "grade_wall_s": {"median": round(statistics.median(seconds), 3), "min": round(min(seconds), 3),
                          "max": round(max(seconds), 3), "runs": [round(s, 3) for s in seconds]},
+        # ru_maxrss of waited-for children: KiB on Linux, the largest of the grade processes above
+        "grade_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
         "runtime_import": runtime_import_profile(),
         "image": str(args.image), "bundle": str(args.bundle),
         "python": platform.python_version(), "machine": platform.machine(),
