@@ -117,3 +117,15 @@ def test_precision_picks_the_schemes():
     assert schemes_for("int8-static") == ("static",)
     with pytest.raises(ConfigError, match="int8"):
         schemes_for("fp16")
+
+
+def test_dynamic_int8_keeps_convolutions_float(tiny_checkpoint, phantom_test, tmp_path):
+    """ORT's ConvInteger is slower than its FP32 Conv (ViT-B-16 patch embedding: 10 ms), so the dynamic
+    scheme quantizes the MatMuls only."""
+    out = export(ExportConfig(checkpoint=tiny_checkpoint.checkpoint, out=tmp_path / "dyn", target="cpu",
+                              precision="int8-dynamic", reference_images=phantom_test, reference_count=8,
+                              calibration_count=16, gate="warn"), log=lambda _: None)
+    ops = [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
+    assert "ConvInteger" not in ops and "Conv" in ops
+    assert "MatMulInteger" in ops
+    assert load_bundle(out).manifest.export["quantization"]["kept_float"]["dynamic_also"] == ["Conv"]
