@@ -125,6 +125,10 @@ def test_export_records_the_fastest_runtime_precision_and_the_runner_applies_it(
             assert settings["inference_precision_hint"] == min(timed, key=timed.get)
         else:
             assert settings["inference_precision_hint"] == "f32"
+        from edgeretina.runtime.info import format_info, inspect_bundle
+
+        assert f"runtime  openvino: inference_precision_hint {settings['inference_precision_hint']}" in (
+            format_info(inspect_bundle(bundle)))
         grader = Grader(bundle, threads=1)
         assert grader.runner.measured_precision_hint() == settings["inference_precision_hint"]
         assert grader.runner.inference_precision() == settings["inference_precision_hint"]

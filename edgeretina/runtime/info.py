@@ -131,6 +131,12 @@ def format_info(info: BundleInfo) -> str:
         lines.append(f"  {mark} {a.file:<16} {a.format:<13} {a.role:<7} {a.precision:<5} {_size(a.bytes):>9}"
                      + (f"  {a.problem}" if a.problem else "  sha256 ok"))
     lines.append(f"export     target {export.get('target')}: " + " -> ".join(export.get("steps", [])))
+    quantization = export.get("quantization") or {}
+    if quantization.get("scheme") or quantization.get("tool"):
+        lines.append(f"  scheme   {quantization.get('scheme') or quantization.get('tool')} "
+                     f"({quantization.get('reason') or quantization.get('mode', '')})")
+    for backend, settings in (export.get("runtime") or {}).items():
+        lines.append(f"  runtime  {backend}: " + ", ".join(f"{k} {v}" for k, v in settings.items()))
     for name, gate in _gates(export).items():
         lines.append(f"  {'✓' if gate.get('passed') else '✗'} gate {name}")
         for check, result in (gate.get("checks") or {}).items():
