@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
         path, rows = write_bank(Path(scratch), args.count, args.dim)
-        queries = rows[:: max(1, args.count // 50)][:50] + 0.05 * np.random.default_rng(1).standard_normal((50, args.dim)).astype(np.float32)
+        # near-duplicates of 50 bank rows: queries with a clear nearest case, like a re-photographed eye
+        picked = rows[:: max(1, args.count // 50)][:50]
+        queries = picked + 0.05 * np.random.default_rng(1).standard_normal(picked.shape).astype(np.float32)
         queries /= np.linalg.norm(queries, axis=1, keepdims=True)
         banks = {"openvino-int8": FeatureBank.load(path, threads=1, use_openvino=True),
                  "numpy-float32": FeatureBank.load(path, threads=1, use_openvino=False)}

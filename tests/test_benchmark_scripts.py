@@ -52,3 +52,14 @@ def test_random_bank_is_unit_norm(reference_dir):
     with np.load(reference_dir / "reference-fp32" / "bank.npz") as data:
         rows = data["embeddings"].astype(np.float32) * data["scales"][:, None] + data["offset"]
     np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, atol=5e-3)
+
+
+def test_knn_benchmark_times_both_scorers_and_they_agree(tmp_path):
+    out = tmp_path / "knn.json"
+    done = subprocess.run([sys.executable, str(SCRIPT.with_name("knn.py")), str(out), "--count", "600", "--dim", "64",
+                           "--runs", "20"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result["median_ms"]) == {"openvino-int8", "numpy-float32"}
+    assert all(isinstance(ms, float) and ms > 0 for ms in result["median_ms"].values())
+    assert result["same_neighbours"] is True and result["bank_bytes_on_disk"] > 600 * 64

@@ -31,8 +31,8 @@ import cv2
 import numpy as np
 
 from edgeretina.atomic import write_json_atomic
-from edgeretina.cpu import cpu_info
 from edgeretina.bundle import load_bundle
+from edgeretina.cpu import cpu_info
 from edgeretina.dataset import IMAGE_SUFFIXES, read_labels
 from edgeretina.errors import ConfigError, EdgeRetinaError
 from edgeretina.metrics import quadratic_weighted_kappa
@@ -419,8 +419,8 @@ def _library_versions() -> dict[str, str]:
 
 # ---------------------------------------------------------------- output
 
-_COLUMNS = (("bundle", "bundle", "{}"), ("backend", "backend", "{}"), ("precision", "prec", "{}"), ("scheme", "scheme", "{}"),
-            ("compute_precision", "computes", "{}"),
+_COLUMNS = (("bundle", "bundle", "{}"), ("backend", "backend", "{}"), ("precision", "prec", "{}"),
+            ("scheme", "scheme", "{}"), ("compute_precision", "computes", "{}"),
             ("threads", "thr", "{}"), ("batch", "batch", "{}"), ("size_mb", "MB", "{:.2f}"),
             ("load_s", "load s", "{:.2f}"), ("cold_ms", "cold ms", "{:.1f}"), ("p50_ms", "p50 ms", "{:.2f}"),
             ("p90_ms", "p90 ms", "{:.2f}"), ("p99_ms", "p99 ms", "{:.2f}"),

@@ -81,7 +81,8 @@ class OpenVinoInt8Scorer:
             # shared_memory: the constant points at self.codes (kept alive here) instead of copying 8 MB
             codes = ops.constant(self.codes, shared_memory=True)
             bank = ops.multiply(ops.convert(codes, "f32"), ops.constant(self.scales[:, None]))
-            sims = ops.add(ops.matmul(query, bank, False, True), ops.matmul(query, ops.constant(self.offset[:, None]), False, False))
+            offset = ops.matmul(query, ops.constant(self.offset[:, None]), False, False)      # [B, 1]
+            sims = ops.add(ops.matmul(query, bank, False, True), offset)
             top = ops.topk(sims, ops.constant(np.int64(k)), axis=1, mode="max", sort="value")
             model = self._ov.Model([top.output(0), top.output(1)], [query], "knn")
             config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32",
