@@ -2,9 +2,9 @@
 # Reproduce the headline table (benchmarks/results/) from a clean checkout:
 #   benchmarks/headline.sh OUT [DEMO_DIR]
 # OUT: scratch folder for bundles (~1.5 GB); results go to OUT/results/<model>/ (bench.json, bench.png, table.txt).
-# DEMO_DIR: a finished `edgeretina demo --out DEMO_DIR` (checkpoint.pt, test/labels.csv); without it the
+# DEMO_DIR: a finished `edgeretina demo --workdir DEMO_DIR` (checkpoint.pt, train/ and test/labels.csv); without it the
 # trained demo model (fidelity on real grades) is skipped.
-# ~30 minutes on the project machine (2 cores): reference bundles ~15, benches ~15.
+# 16 minutes on the project machine (2 cores): reference bundles ~10, benches and demo exports ~6.
 set -euo pipefail
 out=${1:?usage: benchmarks/headline.sh OUT [DEMO_DIR]}
 demo=${2:-}
