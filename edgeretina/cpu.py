@@ -19,7 +19,7 @@ PRECISION_CLASS_FLAGS = ("avx512_bf16", "amx_bf16", "amx_int8")
 
 @lru_cache(maxsize=1)
 def cpu_info() -> tuple[str, tuple[str, ...]]:
-    """(model name, flags of interest present) from /proc/cpuinfo; ("", ()) where it cannot be read."""
+    """(model name, flags of interest present) from /proc/cpuinfo; without it, platform.processor() and ()."""
     model, flags = "", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -6,7 +6,7 @@ mean first matters for tightly clustered banks (a barely trained model): the tin
 (mean pairwise cosine 0.997) kept 0.27 of its top-10 neighbours with plain per-row int8 and 0.91 with
 the mean removed; the demo bank (mean cosine 0.09) 0.88 / 0.87. The runtime computes in float32 because
 numpy float16/int8 matmul is slow (shared FACTS.md). Grades are int8, case ids UTF-8 bytes (np.load
-never needs pickle; 16 bytes/id against 4 bytes per character for a unicode array).
+never needs pickle; one byte per ASCII character against four in a unicode array).
 """
 
 from __future__ import annotations
