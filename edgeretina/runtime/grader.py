@@ -8,6 +8,7 @@ goes on. Rendering, reports and folder watching live beside this class, not insi
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from dataclasses import dataclass, field
@@ -84,9 +85,11 @@ class Grader:
         self.precision = model_artifact.precision
         self.runner = create_runner(self.backend, self.bundle.path(model_artifact), threads=threads, device=device,
                                     settings=manifest.export.get("runtime", {}).get(self.backend))
+        _return_freed_heap()   # before the bank arrives on top of what the session load left behind
         self.bank = (FeatureBank.load(self.bundle.root / manifest.bank["file"], threads,
                                       use_openvino=self.backend == "openvino") if manifest.bank else None)
         self.k = int(manifest.bank.get("k", 5)) if manifest.bank else 0
+        _return_freed_heap()
 
     def _pick_backend(self) -> str:
         formats = {a.format for a in self.bundle.manifest.artifacts_with_role("model")}
@@ -180,6 +183,18 @@ class Grader:
                                      postprocess=_ms((graded - inferred) * per_image),
                                      knn=_ms((finished - graded) * per_image))
             item.graded.saliency = outputs["saliency"][i]
+
+
+def _return_freed_heap() -> None:
+    """Give the heap that loading freed back to the OS (glibc malloc_trim; a no-op elsewhere).
+
+    ONNX Runtime's session creation parses the whole graph and frees most of it again, but glibc keeps the
+    freed pages, and later allocations do not always reuse them. ViT-B-16 INT8 on ONNX Runtime, cold
+    `edgeretina grade` of one photo: peak RSS 301 MB without this, 251 MB with it (OpenVINO: no change)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc (musl, macOS, Windows)
+        pass
 
 
 def lesion_presence(lesion_logits: np.ndarray) -> list[dict]:
