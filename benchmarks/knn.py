@@ -5,7 +5,7 @@ a scale per row), loads it the way the runtime does, and times `FeatureBank.sear
 time with each scorer: `openvino-int8` (what a grader on OpenVINO uses) and `numpy-float32` (any other
 backend). Also records the bank's bytes on disk and whether both scorers return the same neighbours.
 Inside a grading process the model's weights evict the bank from the CPU caches between images, so the
-`knn` stage of `edgeretina bench` reads a little slower than this (measured 0.96-1.07 ms vs 0.6 ms for
+`knn` stage of `edgeretina bench` reads slower than this (measured 0.94 ms vs 0.50 ms for
 ViT-B-16 on the project machine).
 
 Usage: python benchmarks/knn.py OUT.json [--count 16000] [--dim 512] [--k 10] [--runs 400]

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -75,23 +74,16 @@ def export_bundle(checkpoint: Path, out: Path, target: str, args: argparse.Names
     return path
 
 
-def time_inference(bundles: dict[str, Path], runs: int = 20, rounds: int = 4) -> dict[str, float]:
-    """Median single-thread inference ms per bundle, runs interleaved over rounds so drift hits all alike."""
+def time_inference(bundles: dict[str, Path], runs: int = 20) -> dict[str, float]:
+    """Median single-thread inference ms per bundle, runs interleaved between the bundles."""
+    from edgeretina.export.timing import interleaved_median_ms
     from edgeretina.runtime.grader import Grader
 
     graders = {name: Grader(path, threads=1) for name, path in bundles.items()}
     image = np.random.default_rng(0).standard_normal((1, 3, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32)
-    times: dict[str, list[float]] = {name: [] for name in graders}
-    for grader in graders.values():
-        for _ in range(3):
-            grader.runner.run(image)
-    for _ in range(rounds):
-        for name, grader in graders.items():
-            for _ in range(runs // rounds):
-                started = time.perf_counter()
-                grader.runner.run(image)
-                times[name].append((time.perf_counter() - started) * 1e3)
-    return {name: round(statistics.median(values), 2) for name, values in times.items()}
+    medians = interleaved_median_ms({name: (lambda g=grader: g.runner.run(image)) for name, grader in graders.items()},
+                                    runs)
+    return {name: round(ms, 2) for name, ms in medians.items()}
 
 
 def build_architecture(arch: str, root: Path, args: argparse.Namespace) -> dict:

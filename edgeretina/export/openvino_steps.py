@@ -7,8 +7,6 @@ inserted between them (a test's corruption, a future pruning pass) sees the curr
 from __future__ import annotations
 
 import shutil
-import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +22,7 @@ from edgeretina.grades import ordinal_grades
 from edgeretina.export.onnx_steps import check_onnx, export_onnx_fp32
 from edgeretina.export.reference import load_calibration, load_reference
 from edgeretina.export.steps import ExportContext, Step
+from edgeretina.export.timing import interleaved_median_ms
 
 # Node names of the exported graph (torch module paths): everything outside the backbone, plus the
 # CLIP ModifiedResNet's attention pooling, which acts as its projection head.
@@ -281,12 +280,12 @@ def _describe_quantization(ctx: ExportContext, options: OpenVinoOptions, setting
     }
 
 
-def choose_runtime_precision(ctx: ExportContext, runs: int = 12, rounds: int = 3) -> None:
-    """Time the IR under each inference precision this CPU offers (1 thread, interleaved rounds) and record
-    the fastest as the runtime setting (manifest export.runtime.openvino; runners/openvino.py applies it on
-    a CPU of the same precision class). Without bf16 units there is only f32: nothing to time."""
+def choose_runtime_precision(ctx: ExportContext, runs: int = 12) -> None:
+    """Time the IR under each inference precision this CPU offers (1 thread, interleaved) and record the
+    fastest as the runtime setting (manifest export.runtime.openvino; runners/openvino.py applies it on a
+    CPU of the same precision class). Without bf16 units there is only f32: nothing to time."""
     hints = ["f32"] + (["bf16"] if {"avx512_bf16", "amx_bf16"} & set(cpu_flags()) else [])
-    medians = _median_ms_per_hint(ir_path(ctx), hints, ctx.reference_inputs[:1], runs, rounds) if len(hints) > 1 else {}
+    medians = _median_ms_per_hint(ir_path(ctx), hints, ctx.reference_inputs[:1], runs) if len(hints) > 1 else {}
     chosen = min(medians, key=medians.get) if medians else hints[0]
     ctx.export_info.setdefault("runtime", {})["openvino"] = {
         "inference_precision_hint": chosen, "cpu_precision_class": precision_class(),
@@ -295,22 +294,14 @@ def choose_runtime_precision(ctx: ExportContext, runs: int = 12, rounds: int = 3
     ctx.log(f"OpenVINO runtime precision: {chosen} ({timing}, 1 thread)")
 
 
-def _median_ms_per_hint(xml: Path, hints: list[str], image: np.ndarray, runs: int, rounds: int) -> dict[str, float]:
-    ov = _ov()
-    core = ov.Core()
-    compiled = {hint: core.compile_model(str(xml), "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": "1",
-                                                           "INFERENCE_PRECISION_HINT": hint}) for hint in hints}
-    requests = {hint: model.create_infer_request() for hint, model in compiled.items()}
-    times: dict[str, list[float]] = {hint: [] for hint in hints}
-    for request in requests.values():
-        request.infer({"image": image})                        # first call allocates: not timed
-    for _ in range(rounds):
-        for hint, request in requests.items():
-            for _ in range(max(1, runs // rounds)):
-                started = time.perf_counter()
-                request.infer({"image": image})
-                times[hint].append((time.perf_counter() - started) * 1e3)
-    return {hint: round(statistics.median(values), 2) for hint, values in times.items()}
+def _median_ms_per_hint(xml: Path, hints: list[str], image: np.ndarray, runs: int) -> dict[str, float]:
+    core = _ov().Core()
+    requests = {hint: core.compile_model(str(xml), "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": "1",
+                                                           "INFERENCE_PRECISION_HINT": hint}).create_infer_request()
+                for hint in hints}
+    medians = interleaved_median_ms({hint: (lambda r=request: r.infer({"image": image}))
+                                     for hint, request in requests.items()}, runs)
+    return {hint: round(ms, 2) for hint, ms in medians.items()}
 
 
 def gate_openvino(ctx: ExportContext) -> None:

@@ -46,8 +46,6 @@ Kept in float, each measured (see the `cpu` target report in the commit):
 from __future__ import annotations
 
 import platform
-import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +56,7 @@ from edgeretina.errors import ConfigError, ExportError, MissingDependencyError
 from edgeretina.export.gate import INT8_THRESHOLDS, GateThresholds, compare, run_gate
 from edgeretina.export.onnx_steps import ship_onnx
 from edgeretina.export.steps import ExportContext
+from edgeretina.export.timing import interleaved_median_ms
 
 SCHEMES = ("dynamic", "static")
 PRECISION_SCHEMES = {"int8": SCHEMES, "int8-dynamic": ("dynamic",), "int8-static": ("static",)}
@@ -255,20 +254,13 @@ def _measure(ctx: ExportContext, scheme: str, path: Path, median_ms: float, opti
 
 
 def _median_latencies_ms(paths: list[Path], image: np.ndarray, options: OrtInt8Options) -> list[float]:
-    """Median batch-1 latency of each graph. Runs alternate between the graphs so that load from other
-    processes (shared CPUs drift a lot) falls on every candidate alike."""
+    """Median batch-1 latency of each graph, runs interleaved between the graphs."""
     from edgeretina.runtime.backends import create_runner
 
     runners = [create_runner("onnxruntime", path, threads=options.timing_threads) for path in paths]
-    for runner in runners:
-        runner.run(image)  # warm-up: the first run allocates and picks kernels
-    times: list[list[float]] = [[] for _ in runners]
-    for _ in range(options.timing_runs):
-        for runner, samples in zip(runners, times):
-            start = time.perf_counter()
-            runner.run(image)
-            samples.append((time.perf_counter() - start) * 1e3)
-    return [statistics.median(samples) for samples in times]
+    calls = {str(i): (lambda runner=runner: runner.run(image)) for i, runner in enumerate(runners)}
+    medians = interleaved_median_ms(calls, options.timing_runs)
+    return [medians[str(i)] for i in range(len(runners))]
 
 
 def _choose(candidates: list[Candidate]) -> tuple[Candidate, str]:
