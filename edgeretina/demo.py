@@ -37,6 +37,7 @@ class DemoConfig:
     test_seed: int = 2             # a different seed: the test set shares no case with training
     epochs: int = 30
     train_minutes: float = 5.0     # keeps the whole demo under 10 minutes on 2 cores
+    precision: str = "auto"        # training precision (training/precision.py): fp32 on CPUs without bf16 units
     threads: int | None = None
 
 
@@ -68,7 +69,8 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict:
     lap("synthesise phantom data")
     model = ModelConfig(backbone=BackboneConfig(name=config.arch))
     result = train(TrainConfig(labels=train_csv, out=workdir / "checkpoint.pt", model=model, epochs=config.epochs,
-                               max_minutes=config.train_minutes, threads=config.threads), log=log)
+                               max_minutes=config.train_minutes, precision=config.precision,
+                               threads=config.threads), log=log)
     lap("train")
     bundle = export(ExportConfig(checkpoint=result.checkpoint, out=workdir / "bundle", target="onnx",
                                  reference_images=test_csv, reference_count=32, overwrite=True), log=log)

@@ -23,6 +23,7 @@ def train(
     lr: Annotated[float, typer.Option("--lr")] = 1e-3,
     lesion_head: Annotated[bool, typer.Option("--lesion-head", help="Train a patch-level lesion head (needs masks/<CODE>/<case_id>.png beside labels.csv).")] = False,
     ben_graham: Annotated[bool, typer.Option("--ben-graham", help="Local-average subtraction preprocessing.")] = False,
+    precision: Annotated[str, typer.Option("--precision", help="auto (bf16 only where the CPU has bf16 units), fp32, bf16, fp16 (CUDA).")] = "auto",
     max_minutes: Annotated[Optional[float], typer.Option("--max-minutes", help="Stop after this budget.")] = None,
     threads: ThreadsOption = None,
     seed: SeedOption = 0,
@@ -36,7 +37,7 @@ def train(
                         lesion_head=lesion_head)
     config = TrainConfig(labels=labels, out=out, model=model, val_labels=val_labels, epochs=epochs,
                          batch_size=batch_size, lr=lr, backbone_lr_scale=0.1 if pretrained else 1.0,
-                         ben_graham=ben_graham, max_minutes=max_minutes, threads=threads, seed=seed)
+                         ben_graham=ben_graham, precision=precision, max_minutes=max_minutes, threads=threads, seed=seed)
     result = run_training(config)
     typer.echo(json.dumps({"checkpoint": str(result.checkpoint), "seconds": result.seconds,
                            "val": {k: result.metrics.get(k) for k in ("qwk", "accuracy", "n")}}))

@@ -1,5 +1,6 @@
-"""The training loop: AdamW, warm-up + cosine schedule, class-balanced sampling, bf16 autocast on CPU,
-model selection on validation QWK, calibration, and the KNN feature bank of the training cases."""
+"""The training loop: AdamW, warm-up + cosine schedule, class-balanced sampling, autocast where the
+hardware computes the lower precision natively (training/precision.py), model selection on validation
+QWK, calibration, and the KNN feature bank of the training cases."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from edgeretina.training.data import (PreparedSet, augment, balanced_batches, pr
                                       steps_per_epoch, to_model_input)
 from edgeretina.training.losses import LossWeights, grader_loss
 from edgeretina.training.model import GraderModel, ModelConfig
+from edgeretina.training.precision import PRECISIONS, ResolvedPrecision, resolve_precision
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ class TrainConfig:
     ben_graham: bool = False
     seed: int = 0
     threads: int | None = None
-    bf16: bool = True
+    precision: str = "auto"                    # auto | fp32 | bf16 | fp16 (training/precision.py)
     workers: int | None = None                  # processes that decode/prepare images
     max_minutes: float | None = None            # stop early (keeping the best epoch) past this budget
     loss: LossWeights = field(default_factory=LossWeights)
@@ -54,6 +56,8 @@ class TrainConfig:
             raise ConfigError("val_fraction must lie between 0 and 0.9")
         if self.lr <= 0:
             raise ConfigError("lr must be positive")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
 
 
 @dataclass
@@ -77,6 +81,8 @@ def train(config: TrainConfig, log: Logger = _stderr, show_progress: bool = True
     rng = np.random.default_rng(config.seed)
     if config.threads:
         torch.set_num_threads(config.threads)
+    precision = resolve_precision(config.precision)
+    log(f"precision: {precision.name} ({precision.reason})")
     model = GraderModel(config.model)
     preprocess = PreprocessConfig(image_size=model.backbone.image_size, mean=tuple(model.backbone.mean),
                                   std=tuple(model.backbone.std), ben_graham=config.ben_graham)
@@ -98,7 +104,7 @@ def train(config: TrainConfig, log: Logger = _stderr, show_progress: bool = True
         if epoch >= epochs:
             break
         epoch_started = time.perf_counter()
-        losses = _train_epoch(model, train_set, preprocess, optimizer, scheduler, config, rng, steps,
+        losses = _train_epoch(model, train_set, preprocess, optimizer, scheduler, config, precision, rng, steps,
                               f"epoch {epoch + 1}/{config.epochs}", show_progress)
         val_out = predict(model, val_set.images, preprocess, config.batch_size)
         qwk = grading_report(val_set.grades, ordinal_grades(val_out["ordinal_logits"], [0.0] * 4))["qwk"]
@@ -127,7 +133,8 @@ def train(config: TrainConfig, log: Logger = _stderr, show_progress: bool = True
                   "grade_counts": np.bincount(train_set.grades, minlength=5).tolist(),
                   "skipped": len(train_set.skipped)},
         "val": {"n": len(val_set.grades), "grade_counts": np.bincount(val_set.grades, minlength=5).tolist()},
-        "schedule": {"epochs_run": len(history), "batch_size": config.batch_size, "lr": config.lr, "seed": config.seed},
+        "schedule": {"epochs_run": len(history), "batch_size": config.batch_size, "lr": config.lr, "seed": config.seed,
+                     "precision": precision.name, "precision_reason": precision.reason},
         "history": history,
         "val_metrics": _scalars(val_metrics),
         "seconds": round(time.perf_counter() - started, 1),
@@ -190,14 +197,15 @@ def _epochs_within_budget(planned: int, epoch_seconds: float, deadline: float) -
 
 
 def _train_epoch(model, data: PreparedSet, preprocess, optimizer, scheduler, config: TrainConfig,
-                 rng, steps: int, label: str, show_progress: bool) -> dict[str, float]:
+                 precision: ResolvedPrecision, rng, steps: int, label: str, show_progress: bool) -> dict[str, float]:
     model.train()
     totals: dict[str, float] = {}
     batches = balanced_batches(data.grades, config.batch_size, steps, rng)
     for idx in _progress(batches, steps, label, show_progress):
         images, lesions = augment(data.images[idx], rng, data.lesions[idx] if data.lesions is not None else None)
         grades = torch.from_numpy(data.grades[idx])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+        with torch.autocast("cpu", dtype=precision.autocast_dtype or torch.bfloat16,
+                            enabled=precision.autocast_dtype is not None):
             outputs = model(to_model_input(images, preprocess))
         targets = torch.from_numpy(lesions).float() if lesions is not None else None
         loss, parts = grader_loss(outputs, grades, config.loss, targets)
