@@ -42,3 +42,50 @@ def precision_class(flags: list[str] | tuple[str, ...] | None = None) -> list[st
     """The subset of `flags` (default: this CPU's) that decides OpenVINO's fastest inference precision."""
     present = cpu_flags() if flags is None else flags
     return [f for f in PRECISION_CLASS_FLAGS if f in present]
+
+
+def cpu_class(flags: list[str] | tuple[str, ...] | None = None, machine: str | None = None) -> str:
+    """The class of CPU whose integer kernels an INT8 artifact meets: the best 8-bit dot-product unit present.
+
+    x86: amx (AMX tiles) > avx512-vnni > avx-vnni > avx512 (no VNNI: vpmaddubsw, saturating int16 sums) >
+    avx2 (the same saturating path) ; Arm: i8mm > dotprod > plain NEON."""
+    present = set(cpu_flags() if flags is None else flags)
+    arch = (machine or platform.machine()).lower()
+    if arch in ("aarch64", "arm64") or "asimd" in present:
+        return "arm64-i8mm" if "i8mm" in present else "arm64-dotprod" if "asimddp" in present else "arm64"
+    for flag, name in (("amx_int8", "x86-amx"), ("avx512_vnni", "x86-avx512-vnni"), ("avx_vnni", "x86-avx-vnni"),
+                       ("avx512f", "x86-avx512"), ("avx2", "x86-avx2")):
+        if flag in present:
+            return name
+    return "x86" if arch in ("x86_64", "amd64") else arch or "unknown"
+
+
+def cpu_fingerprint() -> dict[str, object]:
+    """What identifies this CPU for caches of per-device results (verification, re-measured settings)."""
+    model, flags = cpu_info()
+    return {"class": cpu_class(), "model": model, "machine": platform.machine(), "flags": list(flags)}
+
+
+#: Every CPU class an INT8 graph with 7-bit weights computes the same integers on (see int8_validity).
+ALL_CPU_CLASSES = ("x86-avx2", "x86-avx512", "x86-avx-vnni", "x86-avx512-vnni", "x86-amx",
+                   "arm64", "arm64-dotprod", "arm64-i8mm")
+#: Classes whose u8 x s8 kernels sum pairs of products in saturating int16 (vpmaddubsw): full 8-bit weights
+#: can clip there, and only there.
+SATURATING_CPU_CLASSES = ("x86-avx2", "x86-avx512")
+
+
+def int8_validity(weight_bits: int) -> dict[str, object]:
+    """Which CPU classes an INT8 artifact with u8 activations and `weight_bits`-bit signed weights is valid for.
+
+    x86 without VNNI multiplies u8 x s8 with vpmaddubsw, which adds each pair of products in int16 and
+    saturates: 2 * 255 * 127 = 64,770 does not fit, so full 8-bit weights give different (clipped) sums on
+    AVX2/AVX-512 than on VNNI/AMX, which accumulate in int32. With 7-bit weights (-64..64) a pair is at
+    most 2 * 255 * 64 = 32,640 < 32,767: every class computes the same integers."""
+    exact_everywhere = weight_bits <= 7
+    valid = ALL_CPU_CLASSES if exact_everywhere else tuple(c for c in ALL_CPU_CLASSES
+                                                           if c not in SATURATING_CPU_CLASSES)
+    why = ("7-bit weights: u8 x s7 pair sums (at most 32,640) fit the int16 of AVX2/AVX-512 vpmaddubsw, and "
+           "VNNI/AMX/Arm accumulate in int32, so every class computes the same integers" if exact_everywhere else
+           "8-bit weights: u8 x s8 pair sums can saturate int16 on x86 without VNNI (AVX2, AVX-512F)")
+    return {"weight_bits": weight_bits, "valid_cpu_classes": list(valid), "why": why,
+            "measured_on": [cpu_class()]}

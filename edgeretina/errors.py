@@ -25,6 +25,14 @@ class BundleError(EdgeRetinaError):
     """An exported bundle is missing files, tampered with, or of an unknown schema."""
 
 
+class SignatureError(BundleError):
+    """A bundle is not trusted under the configured trust list: unsigned, unknown key, bad or broken signature."""
+
+
+class VerificationError(BundleError):
+    """The bundle's model does not reproduce its reference outputs on this device (`edgeretina verify`)."""
+
+
 class ExportError(EdgeRetinaError):
     """Exporting a model failed."""
 

@@ -18,6 +18,15 @@ pytest.importorskip("nncf")
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reference.py"
 
 
+def _reference_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmarks_reference", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def reference_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
@@ -33,16 +42,22 @@ def test_reference_and_best_cpu_bundles_are_built_and_linked(reference_dir):
     assert reference.manifest.artifact("model").precision == "fp32"
     assert (reference_dir / "best-cpu").resolve() == (reference_dir / "edgeretina-tiny-vit" / "best-cpu").resolve()
     best = load_bundle(reference_dir / "best-cpu")
-    assert best.manifest.artifact("model").precision == "int8"
+    chosen = json.loads((reference_dir / "edgeretina-tiny-vit" / "best-cpu.json").read_text())["chosen_target"]
+    assert best.manifest.artifact("model").precision == ("fp32" if chosen == "onnx" else "int8")
     assert (reference.manifest.bank["dtype"], reference.manifest.bank["k"], reference.manifest.bank["count"]) == ("int8", 10, 500)
 
 
-def test_the_choice_is_the_faster_candidate_and_is_recorded(reference_dir):
+def test_the_choice_is_the_fastest_faithful_candidate_and_is_recorded(reference_dir):
+    FAITHFUL_COSINE = _reference_script().FAITHFUL_COSINE
     choice = json.loads((reference_dir / "edgeretina-tiny-vit" / "best-cpu.json").read_text())
-    timed = choice["inference_ms_1_thread"]
-    assert set(timed) == {"cpu", "openvino"} and all(ms > 0 for ms in timed.values())
-    assert choice["chosen_target"] == min(timed, key=timed.get)
-    chosen = load_bundle(reference_dir / "edgeretina-tiny-vit" / "candidates" / choice["chosen_target"])
+    timed, cosines = choice["inference_ms_1_thread"], choice["min_embedding_cosine"]
+    assert set(timed) == set(cosines) == {"cpu", "openvino", "onnx"} and all(ms > 0 for ms in timed.values())
+    assert cosines["onnx"] >= FAITHFUL_COSINE                     # FP32 is always a faithful candidate
+    faithful = [name for name in timed if cosines[name] >= FAITHFUL_COSINE]
+    assert choice["chosen_target"] == min(faithful, key=timed.get)
+    assert ("FP32 ships" in choice["note"]) == (choice["chosen_target"] == "onnx")
+    folder = "reference-fp32" if choice["chosen_target"] == "onnx" else f"candidates/{choice['chosen_target']}"
+    chosen = load_bundle(reference_dir / "edgeretina-tiny-vit" / folder)
     best = load_bundle(reference_dir / "best-cpu")
     assert best.manifest.artifact("model").sha256 == chosen.manifest.artifact("model").sha256
     assert json.loads((reference_dir / "choices.json").read_text())[0]["arch"] == "edgeretina-tiny-vit"

@@ -18,7 +18,8 @@ from edgeretina.preprocess import decode_image, normalize, prepare
 def test_bundle_layout_and_manifest(onnx_bundle):
     bundle = load_bundle(onnx_bundle)
     m = bundle.manifest
-    assert {a.file for a in m.artifacts} == {"model.onnx", "bank.npz"}
+    assert {a.file for a in m.artifacts} == {"model.onnx", "bank.npz", "reference.npz"}
+    assert m.export["steps"][-1] == "write_reference_set" and m.export["verify"]["reference_set"] == "reference.npz"
     assert m.outputs["names"] == ["ordinal_logits", "prototype_logits", "embedding", "saliency"]
     assert m.outputs["shapes"]["saliency"][1:] == m.saliency["grid"]
     assert m.model["preprocess"]["image_size"] == 64

@@ -43,6 +43,32 @@ def test_manifest_records_int8_and_the_scheme_choice(cpu_bundle):
     assert near["of"] == 8 and 0 <= near["images"] <= 8
 
 
+def _int8_weights(bundle) -> list[np.ndarray]:
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(bundle / "model.onnx")).graph
+    return [numpy_helper.to_array(t).astype(np.int32) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
+
+
+def test_int8_weights_use_seven_bits_so_every_cpu_class_computes_the_same(cpu_bundle):
+    weights = _int8_weights(cpu_bundle)
+    assert weights and max(int(np.abs(w).max()) for w in weights) <= 64      # 7-bit: no int16 saturation on AVX2
+    portability = load_bundle(cpu_bundle).manifest.export["quantization"]["portability"]
+    assert portability["weight_bits"] == 7
+    assert {"x86-avx2", "x86-avx512", "x86-avx512-vnni", "x86-amx"} <= set(portability["valid_cpu_classes"])
+
+
+def test_eight_bit_weights_are_declared_valid_only_where_they_cannot_saturate(tiny_checkpoint, phantom_test, tmp_path):
+    out = export(ExportConfig(checkpoint=tiny_checkpoint.checkpoint, out=tmp_path / "eight", target="cpu",
+                              precision="int8-dynamic", int8_weight_bits=8, reference_images=phantom_test,
+                              reference_count=8, gate="warn"), log=lambda _: None)
+    assert max(int(np.abs(w).max()) for w in _int8_weights(out)) > 64          # the full range is used
+    valid = load_bundle(out).manifest.export["quantization"]["portability"]["valid_cpu_classes"]
+    assert "x86-avx2" not in valid and "x86-avx512-vnni" in valid
+    with pytest.raises(ConfigError, match="int8_weight_bits"):
+        ExportConfig(checkpoint=tiny_checkpoint.checkpoint, out=tmp_path / "x", int8_weight_bits=6)
+
+
 def _candidate(scheme: str, ms: float, agreement: float, cosine: float, passed: bool) -> Candidate:
     return Candidate(scheme, None, 1, ms, {"grade_agreement": agreement, "embedding_cosine": cosine}, passed)
 

@@ -50,7 +50,7 @@ def test_fp16_bundle_contents_and_manifest(fp16_bundle):
     m = load_bundle(fp16_bundle).manifest
     by_file = {a.file: a for a in m.artifacts}
     assert set(by_file) == {"model.onnx", "build_engine.sh", "reference_inputs.npy", "reference_outputs.npz",
-                            "bank.npz"}
+                            "bank.npz", "reference.npz"}
     assert (by_file["model.onnx"].role, by_file["model.onnx"].precision, by_file["model.onnx"].target) == \
         ("model", "fp32", "jetson")
     assert by_file["build_engine.sh"].role == "build-script"

@@ -99,3 +99,29 @@ def test_cpu_precision_class_is_the_bf16_and_amx_subset_of_the_flags():
     assert precision_class(["avx2", "avx512_bf16", "amx_int8"]) == ["avx512_bf16", "amx_int8"]
     assert precision_class(["avx2"]) == []
     assert set(precision_class()) <= set(cpu_flags())
+
+
+@pytest.mark.parametrize("flags, machine, expected", [
+    (["avx2"], "x86_64", "x86-avx2"),
+    (["avx2", "avx512f"], "x86_64", "x86-avx512"),
+    (["avx2", "avx_vnni"], "x86_64", "x86-avx-vnni"),
+    (["avx2", "avx512f", "avx512_vnni", "avx512_bf16"], "x86_64", "x86-avx512-vnni"),
+    (["avx2", "avx512f", "avx512_vnni", "amx_int8", "amx_bf16"], "x86_64", "x86-amx"),
+    (["asimd", "asimddp"], "aarch64", "arm64-dotprod"),
+    (["asimd", "asimddp", "i8mm"], "aarch64", "arm64-i8mm"),
+])
+def test_cpu_class_names_the_best_int8_dot_product_unit(flags, machine, expected):
+    from edgeretina.cpu import cpu_class
+
+    assert cpu_class(flags, machine) == expected
+
+
+def test_int8_validity_excludes_the_saturating_classes_only_for_full_8_bit_weights():
+    from edgeretina.cpu import ALL_CPU_CLASSES, SATURATING_CPU_CLASSES, cpu_class, int8_validity
+
+    assert int8_validity(7)["valid_cpu_classes"] == list(ALL_CPU_CLASSES)
+    eight = int8_validity(8)["valid_cpu_classes"]
+    assert "x86-avx2" not in eight and "x86-avx512" not in eight and "x86-avx512-vnni" in eight
+    assert set(eight) | set(SATURATING_CPU_CLASSES) == set(ALL_CPU_CLASSES)
+    assert 2 * 255 * 64 <= 32767 < 2 * 255 * 127          # the int16 pair sum of vpmaddubsw: 7 bits fit, 8 do not
+    assert int8_validity(7)["measured_on"] == [cpu_class()]

@@ -69,6 +69,8 @@ def test_training_writes_a_self_describing_checkpoint(tiny_checkpoint):
     assert len(ckpt.bank.case_ids) == len(ckpt.bank.grades) == ckpt.summary["train"]["n"]
     assert ckpt.summary["schedule"]["epochs_run"] == 2
     assert "qwk" in ckpt.summary["val_metrics"]
+    from edgeretina.training.precision import resolve_precision
+    assert ckpt.summary["schedule"]["precision"] == resolve_precision("auto").name   # what this CPU computes natively
     # prototypes survive the round trip without re-running the text tower
     assert float(ckpt.model.grade_prototypes.norm(dim=1).min()) > 0.99
 
@@ -139,3 +141,34 @@ def test_lesion_head_trains_from_phantom_masks_and_exports(phantom_train, phanto
     record = Grader(bundle).grade([read_labels(phantom_test)[0].path])[0]
     assert [entry["code"] for entry in record.lesions] == ["MA", "HE", "EX", "CWS", "NV", "PRH"]
     assert all(0.0 <= entry["probability"] <= 1.0 for entry in record.lesions)
+
+
+@pytest.mark.parametrize("requested, device, flags, cuda_bf16, expected", [
+    ("auto", "cpu", ["avx2"], None, "fp32"),                        # no bf16 units: bf16 would be emulated
+    ("auto", "cpu", ["avx2", "avx512f", "avx512_bf16"], None, "bf16"),
+    ("auto", "cpu", ["avx2", "amx_bf16", "amx_int8"], None, "bf16"),
+    ("fp32", "cpu", ["avx512_bf16"], None, "fp32"),
+    ("bf16", "cpu", ["avx2"], None, "bf16"),                         # asked for: honoured, with a warning
+    ("auto", "cuda", [], True, "bf16"),
+    ("auto", "cuda", [], False, "fp16"),
+])
+def test_training_precision_fits_the_hardware(requested, device, flags, cuda_bf16, expected):
+    from edgeretina.training.precision import resolve_precision
+
+    resolved = resolve_precision(requested, device, flags=flags, cuda_bf16=cuda_bf16)
+    assert resolved.name == expected and resolved.reason
+    if requested == "bf16" and "avx512_bf16" not in flags:
+        assert "warning" in resolved.reason
+
+
+def test_unusable_training_precisions_are_config_errors():
+    from edgeretina.errors import ConfigError
+    from edgeretina.training.loop import TrainConfig
+    from edgeretina.training.precision import resolve_precision
+
+    with pytest.raises(ConfigError, match="fp16 training is for CUDA"):
+        resolve_precision("fp16", "cpu", flags=["avx2"])
+    with pytest.raises(ConfigError, match="no bf16"):
+        resolve_precision("bf16", "cuda", cuda_bf16=False)
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        TrainConfig(labels="x.csv", out="y.pt", precision="int4")

@@ -20,7 +20,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 
 def _register() -> None:
-    from edgeretina.cli import bench, build_engine, demo, export, grade, info, synth, train, watch  # noqa: F401  (commands register themselves)
+    from edgeretina.cli import bench, build_engine, demo, export, grade, info, sign, synth, train, verify, watch  # noqa: F401  (commands register themselves)
 
 
 def _version(value: bool) -> None:

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 import typer
 
 from edgeretina.cli import app
-from edgeretina.cli._options import BundleOption, ThreadsOption
+from edgeretina.cli._options import BundleOption, ThreadsOption, TrustOption, VerifyOption, trust_setting, verify_setting
 
 EXIT_SOME_FAILED = 3
 
@@ -24,13 +24,16 @@ def grade(
     device: Annotated[Optional[str], typer.Option(
         "--device", help="Backend device: cpu/cuda/tensorrt (onnxruntime), CPU/GPU/AUTO (openvino), cuda (tensorrt).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
+    verify: VerifyOption = True,
+    trust: TrustOption = None,
 ) -> None:
     """Grade fundus photographs with an exported bundle. Exit code 3 when any file failed."""
     from edgeretina.runtime.batch import grade_paths
     from edgeretina.runtime.grader import Grader
     from edgeretina.runtime.report import format_table, records_json, write_csv
 
-    grader = Grader(bundle, backend=backend, threads=threads, device=device)
+    grader = Grader(bundle, backend=backend, threads=threads, device=device, trust=trust_setting(trust),
+                    verify=verify_setting(verify))
     records = grade_paths(grader, paths, overlays=overlays, batch_size=batch_size, cards=cards)
     if csv_path is not None:
         write_csv(csv_path, records)

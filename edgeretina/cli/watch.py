@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 import typer
 
 from edgeretina.cli import app
-from edgeretina.cli._options import BundleOption, ThreadsOption
+from edgeretina.cli._options import BundleOption, ThreadsOption, TrustOption, VerifyOption, trust_setting, verify_setting
 
 
 @app.command()
@@ -20,12 +20,15 @@ def watch(
     backend: Annotated[Optional[str], typer.Option("--backend", help="Inference backend (default: from the bundle).")] = None,
     threads: ThreadsOption = None,
     device: Annotated[Optional[str], typer.Option("--device", help="Backend device (as for grade).")] = None,
+    trust: TrustOption = None,
+    verify: VerifyOption = True,
 ) -> None:
     """Grade every new photograph in FOLDER once, when it is completely written; Ctrl-C stops."""
     from edgeretina.runtime.watch import WatchConfig, watch as run_watch
 
     config = WatchConfig(folder=folder, bundle=bundle, out=out, interval=interval, overlays=overlays,
-                         once=once, backend=backend, threads=threads, device=device)
+                         once=once, backend=backend, threads=threads, device=device, trust=trust_setting(trust),
+                         verify=verify_setting(verify))
     summary = run_watch(config, on_record=_print_record)
     typer.echo(f"graded {summary.graded} image(s), {summary.errors} error(s); results in {out / 'results.jsonl'}")
 

@@ -18,6 +18,7 @@ import numpy as np
 from edgeretina.bundle import describe_artifact
 from edgeretina.errors import ConfigError, ExportError
 from edgeretina.export.steps import ExportContext
+from edgeretina.fidelity import knn_overlap
 
 BANK_FILE = "bank.npz"
 BANK_DTYPES = ("float16", "int8")
@@ -77,11 +78,9 @@ def write_bank(ctx: ExportContext) -> None:
 
 def _storage_fidelity(ctx: ExportContext, exact: np.ndarray, stored: np.ndarray, k: int) -> dict:
     """How much the on-disk rounding moves the neighbours of the reference images (queries: their torch
-    embeddings): mean top-k overlap and the largest similarity change."""
+    embeddings): mean top-k overlap (tie-aware, as in the gate) and the largest similarity change."""
     queries = ctx.reference_outputs["embedding"].astype(np.float32)
     k = min(k, len(exact))
     exact_sims, stored_sims = queries @ exact.T, queries @ stored.T
-    top = lambda sims: np.argsort(-sims, axis=1)[:, :k]   # noqa: E731
-    overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(top(exact_sims), top(stored_sims))])
-    return {"topk_overlap": round(float(overlap), 4),
+    return {"topk_overlap": round(knn_overlap(exact_sims, stored_sims, k), 4),
             "max_similarity_error": float(np.abs(exact_sims - stored_sims).max())}

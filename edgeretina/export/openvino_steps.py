@@ -14,15 +14,16 @@ from typing import Any, Literal
 import numpy as np
 
 from edgeretina.bundle import describe_artifact
-from edgeretina.cpu import cpu_flags, precision_class
+from edgeretina.cpu import cpu_flags, int8_validity, precision_class
 from edgeretina.errors import ConfigError, MissingDependencyError
 from edgeretina.export.bank import write_bank
-from edgeretina.export.gate import INT8_THRESHOLDS, GateThresholds, agreement_kappa, run_gate
+from edgeretina.export.gate import run_gate
 from edgeretina.grades import ordinal_grades
 from edgeretina.export.onnx_steps import check_onnx, export_onnx_fp32
 from edgeretina.export.reference import load_calibration, load_reference
+from edgeretina.export.reference_set import write_reference_set
 from edgeretina.export.steps import ExportContext, Step
-from edgeretina.export.timing import interleaved_median_ms
+from edgeretina.fidelity import INT8_THRESHOLDS, GateThresholds, agreement_kappa
 
 # Node names of the exported graph (torch module paths): everything outside the backbone, plus the
 # CLIP ModifiedResNet's attention pooling, which acts as its projection head.
@@ -80,7 +81,7 @@ def openvino_target(options: OpenVinoOptions = OpenVinoOptions()) -> list[Step]:
     """The target's steps; `options` only affect the INT8 quantization step."""
     return [load_reference, export_onnx_fp32, check_onnx, load_calibration_for_int8, convert_to_openvino_ir,
             _named(lambda ctx: quantize_openvino_int8(ctx, options), "quantize_openvino_int8"),
-            choose_runtime_precision, gate_openvino, ship_openvino_ir, write_bank]
+            choose_runtime_precision, gate_openvino, ship_openvino_ir, write_bank, write_reference_set]
 
 
 def _named(step: Step, name: str) -> Step:
@@ -186,6 +187,7 @@ def _quantize_via_ort_qdq(ctx: ExportContext, ov) -> None:
         "kept_float": {"op_types": list(options.float_op_types), "heads": options.keep_heads_float,
                        "activation_matmuls": options.keep_activation_matmuls_float, "scopes": list(FLOAT_SCOPES)},
         "reason": "NNCF INT8 failed grade agreement on the demo CNN (ordinal-logit error ~0.05 vs 0.027)",
+        "portability": int8_validity(ctx.config.int8_weight_bits),
     }
     ctx.log(f"quantized to INT8 via ONNX Runtime static QDQ ({len(ctx.calibration_inputs)} calibration images)")
 
@@ -218,7 +220,7 @@ def _with_short_names(src: Path, dst: Path) -> Path:
 
 
 def _quantization_settings(ctx: ExportContext, options: OpenVinoOptions, nncf) -> dict[str, Any]:
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
     is_vit = ctx.checkpoint.model.backbone.kind == "vit"
@@ -226,8 +228,11 @@ def _quantization_settings(ctx: ExportContext, options: OpenVinoOptions, nncf) -
     # averages the per-image extremes, which clips images brighter than the average calibration image:
     # on the demo tiny-rn one held-out image fell to embedding cosine 0.83 whatever layers were kept float
     # (every single quantized stage alone did it); with global MINMAX its cosine is 0.99+.
+    # overflow_fix ENABLE: 7-bit weights in every layer (NNCF's default fixes the first layer only), so the
+    # integers are the same on AVX2 as on VNNI/AMX (edgeretina.cpu.int8_validity); DISABLE for 8-bit weights.
+    overflow_fix = OverflowFix.ENABLE if ctx.config.int8_weight_bits == 7 else OverflowFix.DISABLE
     advanced = AdvancedQuantizationParameters(
-        activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX,
+        activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX, overflow_fix=overflow_fix,
         **({} if options.smooth_quant_alpha is None else {"smooth_quant_alpha": options.smooth_quant_alpha}))
     return {
         # TRANSFORMER keeps softmax/LayerNorm/GELU inputs in float and adds SmoothQuant on the MatMuls
@@ -276,7 +281,8 @@ def _describe_quantization(ctx: ExportContext, options: OpenVinoOptions, setting
         "fast_bias_correction": options.fast_bias_correction,
         "heads_kept_float": options.keep_heads_float,
         "sensitive_kept_float": list(SENSITIVE_PATTERNS) if options.keep_sensitive_float else [],
-        "fake_quantize_nodes": fake_quantize,
+        "fake_quantize_nodes": fake_quantize, "weight_bits": ctx.config.int8_weight_bits,
+        "portability": int8_validity(ctx.config.int8_weight_bits),
     }
 
 
@@ -285,23 +291,16 @@ def choose_runtime_precision(ctx: ExportContext, runs: int = 12) -> None:
     fastest as the runtime setting (manifest export.runtime.openvino; runners/openvino.py applies it on a
     CPU of the same precision class). Without bf16 units there is only f32: nothing to time."""
     hints = ["f32"] + (["bf16"] if {"avx512_bf16", "amx_bf16"} & set(cpu_flags()) else [])
-    medians = _median_ms_per_hint(ir_path(ctx), hints, ctx.reference_inputs[:1], runs) if len(hints) > 1 else {}
+    from edgeretina.runtime.backends.openvino import time_precision_hints
+
+    medians = (time_precision_hints(_ov().Core(), ir_path(ctx), hints, runs, ctx.reference_inputs[:1])
+               if len(hints) > 1 else {})
     chosen = min(medians, key=medians.get) if medians else hints[0]
     ctx.export_info.setdefault("runtime", {})["openvino"] = {
         "inference_precision_hint": chosen, "cpu_precision_class": precision_class(),
         "measured_ms_1_thread": medians, "device": "CPU"}
     timing = ", ".join(f"{h} {ms:.1f} ms" for h, ms in medians.items()) or "only f32 on this CPU"
     ctx.log(f"OpenVINO runtime precision: {chosen} ({timing}, 1 thread)")
-
-
-def _median_ms_per_hint(xml: Path, hints: list[str], image: np.ndarray, runs: int) -> dict[str, float]:
-    core = _ov().Core()
-    requests = {hint: core.compile_model(str(xml), "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": "1",
-                                                           "INFERENCE_PRECISION_HINT": hint}).create_infer_request()
-                for hint in hints}
-    medians = interleaved_median_ms({hint: (lambda r=request: r.infer({"image": image}))
-                                     for hint, request in requests.items()}, runs)
-    return {hint: round(ms, 2) for hint, ms in medians.items()}
 
 
 def gate_openvino(ctx: ExportContext) -> None:

@@ -41,9 +41,10 @@ from open_clip.transformer import VisionTransformer
 from torch import nn
 
 from edgeretina.errors import ConfigError, ExportError
-from edgeretina.export.gate import GateThresholds, compare, run_gate
+from edgeretina.export.gate import run_gate
 from edgeretina.export.reference import load_images
 from edgeretina.export.steps import ExportContext, Step
+from edgeretina.fidelity import GateThresholds, compare
 from edgeretina.preprocess import normalize
 
 # Phantom seeds for the distillation images, apart from the reference and calibration ranges.

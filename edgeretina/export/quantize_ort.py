@@ -10,6 +10,13 @@ Both are built, timed with one thread on a batch-1 image, and compared with torc
 set; the fastest one that passes the INT8 gate ships. `ExportConfig.precision` forces a scheme:
 "int8" (default: measure and choose), "int8-dynamic" or "int8-static".
 
+Weights use 7 bits by default (ORT's `reduce_range`; ExportConfig.int8_weight_bits), so the integer
+arithmetic does not depend on the ISA: x86 without VNNI (AVX2, AVX-512F) multiplies u8 x s8 with
+vpmaddubsw, whose int16 pair sums saturate with full 8-bit weights and give other numbers than VNNI/AMX
+(`edgeretina.cpu.int8_validity`). ViT-B-16 on an
+AVX2-only AMD EPYC Zen 3, dynamic INT8, 1 thread (shared FACTS.md): 8-bit min embedding cosine 0.9941,
+362 ms; 7-bit 0.9998, 299 ms. The manifest's `quantization.portability` lists the classes it is valid for.
+
 Kept in float, each measured (see the `cpu` target report in the commit):
 - LayerNormalization and Softmax: static QDQ around them adds Q/DQ pairs and no speed, no fidelity.
 - every node after the backbone (projection, CORAL, prototype similarity, saliency): tiny, so quantizing
@@ -51,12 +58,13 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeretina.cpu import cpu_flags
+from edgeretina.cpu import cpu_flags, int8_validity
 from edgeretina.errors import ConfigError, ExportError, MissingDependencyError
-from edgeretina.export.gate import INT8_THRESHOLDS, GateThresholds, compare, run_gate
+from edgeretina.export.gate import run_gate
 from edgeretina.export.onnx_steps import ship_onnx
 from edgeretina.export.steps import ExportContext
-from edgeretina.export.timing import interleaved_median_ms
+from edgeretina.fidelity import INT8_THRESHOLDS, GateThresholds, compare
+from edgeretina.timing import interleaved_median_ms
 
 SCHEMES = ("dynamic", "static")
 PRECISION_SCHEMES = {"int8": SCHEMES, "int8-dynamic": ("dynamic",), "int8-static": ("static",)}
@@ -121,7 +129,8 @@ def quantize_int8(ctx: ExportContext, options: OrtInt8Options = OrtInt8Options()
     ctx.export_info["quantization"] = {
         "library": "onnxruntime.quantization", "scheme": chosen.scheme, "reason": reason,
         "candidates": {c.scheme: c.summary() for c in candidates},
-        "weights": "int8 per-channel", "activations": "uint8",
+        "weights": f"int8 per-channel, {ctx.config.int8_weight_bits}-bit range", "activations": "uint8",
+        "portability": int8_validity(ctx.config.int8_weight_bits),
         "kept_float": {"op_types": list(options.float_op_types), "nodes": len(excluded),
                        "dynamic_also": list(options.dynamic_float_op_types),
                        "heads": options.keep_heads_float,
@@ -224,16 +233,21 @@ def _build(ctx: ExportContext, prepared: Path, scheme: str, excluded: list[str],
     out = ctx.work / f"model_int8_{scheme}.onnx"
     try:
         if scheme == "dynamic":
-            quantize_dynamic(str(prepared), str(out), per_channel=True, weight_type=QuantType.QInt8,
-                             nodes_to_exclude=excluded)
+            quantize_dynamic(str(prepared), str(out), per_channel=True, reduce_range=_seven_bit(ctx),
+                             weight_type=QuantType.QInt8, nodes_to_exclude=excluded)
         else:
             quantize_static(str(prepared), str(out), _CalibrationReader(ctx.calibration_inputs),
-                            quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                            quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=_seven_bit(ctx),
+                            activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
                             calibrate_method=CalibrationMethod.MinMax)
     except Exception as exc:
         raise ExportError(f"INT8 {scheme} quantization failed: {exc}") from exc
     return out
+
+
+def _seven_bit(ctx: ExportContext) -> bool:
+    return ctx.config.int8_weight_bits == 7
 
 
 def _measure(ctx: ExportContext, scheme: str, path: Path, median_ms: float, options: OrtInt8Options) -> Candidate:

@@ -28,6 +28,7 @@ def load_reference(ctx: ExportContext) -> None:
     prepared, source = load_images(ctx.config.reference_images, ctx.config.reference_count, ckpt.preprocess,
                                    REFERENCE_SEED_BASE + ctx.config.seed * 1_000)
     ctx.reference_truth = reference_grades(ctx.config.reference_images, ctx.config.reference_count)
+    ctx.reference_prepared = prepared
     ctx.reference_inputs = normalize(prepared, ckpt.preprocess)
     ctx.reference_outputs = predict(ckpt.model, prepared, ckpt.preprocess, batch_size=16)
     ctx.reference_source = source

@@ -37,6 +37,9 @@ class ExportConfig:
     prune: bool = False                     # structured pruning + recovery distillation before export
     bank_dtype: str = "float16"             # feature bank on disk: float16, or int8 + per-row scale (half the bytes)
     knn_k: int = 5                          # nearest cases the runtime returns per image
+    # cpu/openvino INT8 weights: 7 bits give the same integers on every x86 class (edgeretina.cpu.int8_validity);
+    # 8 bits are valid only where u8 x s8 sums do not saturate (VNNI, AMX, Arm). TensorRT (jetson) is unaffected.
+    int8_weight_bits: int = 7
 
     def __post_init__(self):
         if self.gate not in ("fail", "warn", "off"):
@@ -51,6 +54,8 @@ class ExportConfig:
             raise ConfigError(f"bank_dtype must be float16 or int8, not {self.bank_dtype!r}")
         if self.knn_k < 1:
             raise ConfigError("knn_k must be at least 1")
+        if self.int8_weight_bits not in (7, 8):
+            raise ConfigError(f"int8_weight_bits must be 7 or 8, not {self.int8_weight_bits!r}")
 
 
 @dataclass
@@ -60,6 +65,7 @@ class ExportContext:
     work: Path                                      # scratch space for intermediates (never shipped)
     checkpoint: Any = None                          # training.checkpoint.Checkpoint
     reference_inputs: np.ndarray | None = None      # float32 [N, 3, S, S], preprocessed held-out images
+    reference_prepared: np.ndarray | None = None    # uint8 [N, S, S, 3]: the same images before normalisation
     reference_outputs: dict[str, np.ndarray] = field(default_factory=dict)   # torch outputs on them
     reference_source: dict[str, Any] = field(default_factory=dict)
     reference_truth: np.ndarray | None = None       # labelled grades of the reference images, when known
@@ -70,6 +76,7 @@ class ExportContext:
     artifacts: list[Artifact] = field(default_factory=list)
     bank_info: dict[str, Any] | None = None
     gate: dict[str, Any] = field(default_factory=dict)
+    last_gate: Any = None                           # gate.GateRun of the latest gate: what `verify` re-checks
     steps_done: list[str] = field(default_factory=list)
     log: Callable[[str], None] = print
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from edgeretina.errors import ConfigError
 from edgeretina.export.bank import write_bank
-from edgeretina.export.gate import FP32_THRESHOLDS, run_gate
+from edgeretina.export.gate import run_gate
 from edgeretina.export.jetson import jetson_target
 from edgeretina.export.onnx_steps import check_onnx, export_onnx_fp32, ship_onnx
 from edgeretina.export.openvino_steps import openvino_target
 from edgeretina.export.quantize_ort import gate_onnx_int8, quantize_int8, ship_onnx_int8
 from edgeretina.export.reference import load_calibration, load_reference
+from edgeretina.export.reference_set import write_reference_set
 from edgeretina.export.steps import ExportContext, Step
+from edgeretina.fidelity import FP32_THRESHOLDS
 
 
 def gate_onnx_fp32(ctx: ExportContext) -> None:
@@ -22,11 +24,11 @@ def gate_onnx_fp32(ctx: ExportContext) -> None:
 
 
 TARGETS: dict[str, list[Step]] = {
-    "onnx": [load_reference, export_onnx_fp32, check_onnx, gate_onnx_fp32, ship_onnx, write_bank],
+    "onnx": [load_reference, export_onnx_fp32, check_onnx, gate_onnx_fp32, ship_onnx, write_bank, write_reference_set],
     "jetson": jetson_target(),  # TensorRT-ready ONNX (fp16 default or explicit int8) + build_engine.sh
     "openvino": openvino_target(),  # IR FP16 or NNCF INT8 (precision, default int8)
     "cpu": [load_reference, export_onnx_fp32, check_onnx, load_calibration, quantize_int8, gate_onnx_int8,
-            ship_onnx_int8, write_bank],
+            ship_onnx_int8, write_bank, write_reference_set],
 }
 
 

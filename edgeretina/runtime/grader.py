@@ -25,6 +25,8 @@ from edgeretina.quality import assess_quality
 from edgeretina.runtime.backends import available_backends, create_runner, formats_for
 from edgeretina.runtime.knn import FeatureBank
 from edgeretina.runtime.postprocess import grade_results
+from edgeretina.runtime.verify import ensure_verified
+from edgeretina.signing import TrustList, enforce_trust, resolve_trust
 
 
 @dataclass
@@ -74,9 +76,18 @@ IMAGE_THREADS = 1
 
 class Grader:
     def __init__(self, bundle: Bundle | str | os.PathLike, backend: str | None = None,
-                 threads: int | None = None, device: str | None = None):
+                 threads: int | None = None, device: str | None = None,
+                 trust: "TrustList | str | os.PathLike | None" = "environment", verify: str = "cached"):
+        """trust: the trust list a signed bundle must verify against before its model is loaded;
+        "environment" (the default) reads $EDGERETINA_TRUST or the config location, a path loads that
+        trust list, None requires no signature. Raises SignatureError for a bundle it does not trust.
+        verify: "cached" (default) re-runs the export gate on this device once per bundle x backend x
+        device x CPU and remembers the result, "always" re-runs it now, "off" skips it (runtime/verify.py).
+        Raises VerificationError when this device does not reproduce the bundle's reference outputs."""
         cv2.setNumThreads(IMAGE_THREADS)   # process-wide: the grader owns the process on a device
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        self.signature = enforce_trust(self.bundle, resolve_trust(trust),
+                                       name=None if isinstance(bundle, Bundle) else str(bundle))
         manifest = self.bundle.manifest
         self.preprocess = PreprocessConfig.from_dict(manifest.model["preprocess"])
         self.grading = GradingConfig.from_dict(manifest.grading)
@@ -89,6 +100,7 @@ class Grader:
         self.bank = (FeatureBank.load(self.bundle.root / manifest.bank["file"], threads,
                                       use_openvino=self.backend == "openvino") if manifest.bank else None)
         self.k = int(manifest.bank.get("k", 5)) if manifest.bank else 0
+        self.verification = ensure_verified(self.bundle, self.runner, self.backend, self.bank, verify)
         _return_freed_heap()
 
     def _pick_backend(self) -> str:

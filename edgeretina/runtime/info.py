@@ -15,6 +15,8 @@ from pathlib import Path
 from edgeretina.bundle import SCHEMA_VERSION, Artifact, Bundle, load_bundle, sha256_file
 from edgeretina.errors import BundleError
 from edgeretina.runtime.backends import available_backends, formats_for
+from edgeretina.runtime.verify import verified_here
+from edgeretina.signing import SignatureStatus, TrustList, check_signature, resolve_trust
 
 # backend name -> the Python package whose presence makes it installed
 _BACKEND_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}
@@ -46,6 +48,10 @@ class BundleInfo:
     artifacts: list[ArtifactCheck]
     backends: dict[str, str]              # backend -> "runs it" | "not installed" | "cannot run these formats"
     problems: list[str] = field(default_factory=list)
+    signature: SignatureStatus | None = None
+    # where the bundle was proven: the export machine's CPU class, and this device's cached `verify` results
+    exported_on: dict = field(default_factory=dict)
+    verified_here: list[dict] = field(default_factory=list)
 
     @property
     def verified(self) -> bool:
@@ -59,18 +65,31 @@ class BundleInfo:
             raise BundleError(f"bundle {self.path} failed verification: " + "; ".join(self.problems))
 
 
-def inspect_bundle(path: str | os.PathLike) -> BundleInfo:
+def inspect_bundle(path: str | os.PathLike,
+                   trust: TrustList | str | os.PathLike | None = "environment") -> BundleInfo:
     """Summarise and fully verify a bundle. A malformed manifest or unknown schema raises BundleError;
     artifact problems (missing, resized, sha256 mismatch) are collected in ``problems``. A failed export
-    gate is shown, not counted as a problem: it says how faithful the artifact is, not that it was altered."""
+    gate is shown, not counted as a problem: it says how faithful the artifact is, not that it was altered.
+    ``trust`` (as for Grader) is the trust list the signature is checked against; a signature it refuses
+    (unsigned, unknown key, malformed, not verifying) is a problem. Without a trust list it is only shown."""
     bundle = load_bundle(path, verify=False)
     manifest = bundle.manifest
     checks = [_check_artifact(bundle, artifact) for artifact in manifest.artifacts]
+    signature = check_signature(bundle, resolve_trust(trust), name=str(path))
     return BundleInfo(path=str(path), schema_version=manifest.schema_version,
                       edgeretina_version=manifest.edgeretina_version, created=manifest.created,
                       model=manifest.model, outputs=manifest.outputs, grading=manifest.grading, bank=manifest.bank,
                       export=manifest.export, artifacts=checks, backends=_backends_for(manifest.artifacts),
-                      problems=[c.problem for c in checks if c.problem])
+                      problems=[c.problem for c in checks if c.problem]
+                      + ([signature.reason] if signature.trusted is False else []),
+                      signature=signature, exported_on=(manifest.export.get("verify") or {}).get("exported_on", {}),
+                      verified_here=[_verification_summary(entry) for entry in verified_here(bundle)])
+
+
+def _verification_summary(entry: dict) -> dict:
+    return {"cpu_class": (entry.get("cpu") or {}).get("class"), "cpu": (entry.get("cpu") or {}).get("model"),
+            "backend": entry.get("backend"), "backend_version": entry.get("backend_version"),
+            "device": entry.get("device"), "passed": entry.get("passed"), "when": entry.get("created")}
 
 
 def _check_artifact(bundle: Bundle, artifact: Artifact) -> ArtifactCheck:
@@ -143,9 +162,29 @@ def format_info(info: BundleInfo) -> str:
             lines.append(f"      {'✓' if result.get('passed') else '✗'} {check} {result.get('value')} "
                          f"(threshold {result.get('threshold')})")
     lines.append("backends   " + ", ".join(f"{b}: {s}" for b, s in info.backends.items()))
+    lines.extend(_verification_lines(info))
+    if info.signature is not None:
+        lines.append("signature  " + _signature_line(info.signature))
     lines.append("verified   ✓ every artifact matches its sha256" if info.verified
                  else "verified   ✗ " + "; ".join(info.problems))
     return "\n".join(lines)
+
+
+def _verification_lines(info: BundleInfo) -> list[str]:
+    valid = ((info.export.get("quantization") or {}).get("portability") or {}).get("valid_cpu_classes")
+    lines = [f"cpu        exported and gated on {info.exported_on.get('cpu_class', 'an unrecorded CPU class')}"
+             + (f"; INT8 valid for {', '.join(valid)}" if valid else "")]
+    for v in info.verified_here:
+        lines.append(f"  {'✓' if v['passed'] else '✗'} verified here: {v['backend']} {v['backend_version']} "
+                     f"({v['device']}) on {v['cpu']} ({v['cpu_class']}), {v['when']}")
+    if not info.verified_here:
+        lines.append("  - not verified on this device yet (`edgeretina verify`; grade and watch verify on first use)")
+    return lines
+
+
+def _signature_line(status: SignatureStatus) -> str:
+    mark = {True: "✓", False: "✗", None: "-"}[status.trusted]   # None: no trust list to check against
+    return f"{mark} {status.reason}"
 
 
 def info_json(info: BundleInfo) -> str:

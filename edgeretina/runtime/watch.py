@@ -34,6 +34,7 @@ from edgeretina.dataset import IMAGE_SUFFIXES
 from edgeretina.runtime.card import write_card_png
 from edgeretina.runtime.grader import GradedImage, Grader
 from edgeretina.runtime.overlay import render_overlay, write_png
+from edgeretina.signing import TrustList
 
 RESULTS_NAME = "results.jsonl"
 LOCK_NAME = ".watch.lock"
@@ -52,6 +53,8 @@ class WatchConfig:
     threads: int | None = None
     device: str | None = None
     batch_size: int = 8
+    trust: TrustList | str | os.PathLike | None = "environment"   # as Grader(trust=...): signed bundles
+    verify: str = "cached"             # as Grader(verify=...): the export gate re-run on this device
 
     def __post_init__(self) -> None:
         self.folder, self.bundle, self.out = Path(self.folder), Path(self.bundle), Path(self.out)
@@ -99,7 +102,8 @@ class Watcher:
     def __init__(self, config: WatchConfig, grader: Grader | None = None):
         self.config = config
         self.grader = grader or Grader(config.bundle, backend=config.backend, threads=config.threads,
-                                       device=config.device)
+                                       device=config.device, trust=config.trust,
+                                       verify=config.verify)
         self.results = config.out / RESULTS_NAME
         self._last_seen: dict[str, FileKey] = {}
         self._undecodable_since: dict[FileKey, float] = {}

@@ -43,6 +43,10 @@ class OnnxRuntimeRunner(Runner):
         # end p50: ViT-S-16 INT8 84.4 -> 50.6 ms, ViT-B-16 INT8 132.5 -> 121.7 ms, FP32 304.8 -> 294.7 ms;
         # one thread has no pool threads and is unchanged.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if self.settings.get("qdq_as_float"):
+            # Q/DQ pairs run as written (dequantize -> float op -> quantize) instead of fused integer kernels:
+            # exact integer products summed in float, what TensorRT's INT8 computes, on any CPU.
+            options.add_session_config_entry("session.disable_quant_qdq", "1")
         try:
             self.session = ort.InferenceSession(str(self.model_path), sess_options=options, providers=providers)
         except Exception as exc:  # ORT raises its own exception types for unreadable graphs

@@ -5,7 +5,8 @@ Inference precision: OpenVINO computes FP32 layers in bf16 by default on CPUs wi
 Zen 4), ViT-B-16 INT8 took 170 ms at 1 thread with the bf16 default (28 un-fused FakeQuantize + bf16->f32
 reorders, 47 ms) and 127 ms with f32. Export times both and records the faster in the manifest
 (export.runtime.openvino); the runner applies it on a CPU of the same precision class (the same bf16/AMX
-flags), and leaves OpenVINO's default elsewhere, since AMX changes which one wins.
+flags). On a CPU of another class the choice is re-measured here once and cached (runtime/device_cache.py),
+since AMX changes which one wins; a CPU without bf16 units has only f32.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class OpenVinoRunner(Runner):
         _check_device(self.device, core.available_devices)
         try:
             model = core.read_model(str(self.model_path))
-            self.compiled = core.compile_model(model, self.device, self._compile_config())
+            self.compiled = core.compile_model(model, self.device, self._compile_config(core))
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses with its own messages
             raise BackendError(f"openvino could not load {self.model_path.name} on {self.device}: {exc}") from None
         self.output_names = [output.get_any_name() for output in self.compiled.outputs]
@@ -47,11 +48,17 @@ class OpenVinoRunner(Runner):
         # infer() reuses its output buffers between calls: copy before handing them out
         return {name: np.array(results[output]) for name, output in zip(self.output_names, self.compiled.outputs)}
 
-    def _compile_config(self) -> dict[str, str]:
+    def _compile_config(self, core) -> dict[str, str]:
         config = {"PERFORMANCE_HINT": "LATENCY"}   # one camera, one image at a time: latency, not throughput
         if self.threads:
             config["INFERENCE_NUM_THREADS"] = str(self.threads)
+        self.precision_hint_source = None
         hint = self.measured_precision_hint()
+        if hint:
+            self.precision_hint_source = "measured at export on this CPU class"
+        elif self._recorded_for_another_class():
+            hint = self._remeasured_precision_hint(core)
+            self.precision_hint_source = "re-measured on this CPU class (cached)"
         if hint:
             config["INFERENCE_PRECISION_HINT"] = hint
         return config
@@ -64,10 +71,35 @@ class OpenVinoRunner(Runner):
             return None
         return hint if list(measured_on) == precision_class() else None
 
+    def _recorded_for_another_class(self) -> bool:
+        measured_on = self.settings.get("cpu_precision_class")
+        return (self.device.startswith("CPU") and bool(self.settings.get("inference_precision_hint"))
+                and measured_on is not None and list(measured_on) != precision_class())
+
+    def _remeasured_precision_hint(self, core) -> str:
+        """The faster inference precision on this CPU: f32 without bf16 units (nothing to time), else f32 and
+        bf16 timed once on this IR (1 thread, interleaved) and the answer cached for this CPU."""
+        if not {"avx512_bf16", "amx_bf16"} & set(precision_class()):
+            return "f32"
+        from edgeretina.bundle import sha256_file
+        from edgeretina.cpu import cpu_fingerprint
+        from edgeretina.runtime import device_cache
+
+        key = device_cache.cache_key(sha256_file(self.model_path), _version(), cpu_fingerprint())
+        cached = device_cache.read_entry("openvino-precision", key)
+        if cached and cached.get("inference_precision_hint") in ("f32", "bf16"):
+            return cached["inference_precision_hint"]
+        medians = time_precision_hints(core, self.model_path, ("f32", "bf16"))
+        chosen = min(medians, key=medians.get)
+        device_cache.write_entry("openvino-precision", key, {"inference_precision_hint": chosen,
+                                                             "measured_ms_1_thread": medians})
+        return chosen
+
     def describe(self) -> dict[str, object]:
         info = super().describe()
         info["inference_precision"] = self.inference_precision()
         info["measured_hint_applied"] = self.measured_precision_hint() is not None
+        info["precision_hint_source"] = self.precision_hint_source
         return info
 
     def inference_precision(self) -> str | None:
@@ -77,6 +109,30 @@ class OpenVinoRunner(Runner):
         except Exception:  # not every plugin reports it
             return None
         return hint.to_string() if hasattr(hint, "to_string") else str(hint)
+
+
+def time_precision_hints(core, model_path: Path, hints: tuple[str, ...] | list[str], runs: int = 12,
+                         image: np.ndarray | None = None) -> dict[str, float]:
+    """Median 1-thread latency of the model on `image` (default: zeros, batch 1) compiled under each
+    inference precision hint; the runs alternate between the hints."""
+    from edgeretina.timing import interleaved_median_ms
+
+    model = core.read_model(str(model_path))
+    if image is None:
+        shape = [1 if dim.is_dynamic else dim.get_length() for dim in model.input(0).get_partial_shape()]
+        image = np.zeros(shape, dtype=np.float32)
+    requests = {hint: core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": "1",
+                                                        "INFERENCE_PRECISION_HINT": hint}).create_infer_request()
+                for hint in hints}
+    medians = interleaved_median_ms({hint: (lambda r=request: r.infer({INPUT_NAME: image}))
+                                     for hint, request in requests.items()}, runs)
+    return {hint: round(ms, 2) for hint, ms in medians.items()}
+
+
+def _version() -> str:
+    import openvino
+
+    return str(getattr(openvino, "__version__", None) or openvino.get_version())
 
 
 def _check_device(device: str, available: list[str]) -> None:

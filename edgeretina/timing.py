@@ -1,4 +1,5 @@
-"""Interleaved median latencies: how export (and the benchmark scripts) choose between candidates."""
+"""Interleaved median latencies: how export, the runtime (settings re-measured on a new CPU class) and the
+benchmark scripts choose between candidates."""
 
 from __future__ import annotations
 
