@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, mode: int | None = None) -> Path:
+    """mode: the file's permission bits from the moment it exists (e.g. 0o600 for a private key)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as fh:
+        with _create(tmp, mode) as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
@@ -21,6 +22,14 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _create(tmp: Path, mode: int | None):
+    if mode is None:
+        return open(tmp, "wb")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    os.fchmod(fd, mode)   # os.open's mode is reduced by the umask; make it exactly `mode`
+    return os.fdopen(fd, "wb")
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

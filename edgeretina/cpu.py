@@ -74,13 +74,19 @@ ALL_CPU_CLASSES = ("x86-avx2", "x86-avx512", "x86-avx-vnni", "x86-avx512-vnni", 
 SATURATING_CPU_CLASSES = ("x86-avx2", "x86-avx512")
 
 
-def int8_validity(weight_bits: int) -> dict[str, object]:
-    """Which CPU classes an INT8 artifact with u8 activations and `weight_bits`-bit signed weights is valid for.
+def int8_validity(weight_bits: int, signed_weights: bool = True) -> dict[str, object]:
+    """Which CPU classes an INT8 artifact with u8 activations and `weight_bits`-bit weights is valid for.
 
     x86 without VNNI multiplies u8 x s8 with vpmaddubsw, which adds each pair of products in int16 and
-    saturates: 2 * 255 * 127 = 64,770 does not fit, so full 8-bit weights give different (clipped) sums on
-    AVX2/AVX-512 than on VNNI/AMX, which accumulate in int32. With 7-bit weights (-64..64) a pair is at
-    most 2 * 255 * 64 = 32,640 < 32,767: every class computes the same integers."""
+    saturates: 2 * 255 * 127 = 64,770 does not fit, so full 8-bit signed weights give different (clipped)
+    sums on AVX2/AVX-512 than on VNNI/AMX, which accumulate in int32. With 7-bit weights (-64..64) a pair is
+    at most 2 * 255 * 64 = 32,640 < 32,767: every class computes the same integers. Unsigned weights (u8 x
+    u8) take another path, widened to int16 before vpmaddwd, which never saturates at any width."""
+    if not signed_weights:
+        return {"weight_bits": weight_bits, "weights": "uint8", "valid_cpu_classes": list(ALL_CPU_CLASSES),
+                "why": "u8 x u8: MLAS widens both operands to int16 before vpmaddwd (int32 sums) on x86 without "
+                       "VNNI, and VNNI/AMX/Arm accumulate in int32, so every class computes the same integers",
+                "measured_on": [cpu_class()]}
     exact_everywhere = weight_bits <= 7
     valid = ALL_CPU_CLASSES if exact_everywhere else tuple(c for c in ALL_CPU_CLASSES
                                                            if c not in SATURATING_CPU_CLASSES)

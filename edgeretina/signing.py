@@ -72,8 +72,8 @@ def generate_keypair(private_path: str | os.PathLike, public_path: str | os.Path
     public_key = private_key.public_key()
     private_path.parent.mkdir(parents=True, exist_ok=True)
     public_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_secret_atomic(private_path, private_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    write_bytes_atomic(private_path, private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), mode=0o600)
     write_bytes_atomic(public_path, public_key.public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     return key_id(public_key)
@@ -91,22 +91,6 @@ def key_id(public_key: Any) -> str:
     serialization, _ = _crypto()
     raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return "sha256:" + hashlib.sha256(raw).hexdigest()[: 2 * KEY_ID_BYTES]
-
-
-def _write_secret_atomic(path: Path, data: bytes) -> None:
-    # The temporary file is created with mode 0600, so the key is never readable by others, even briefly.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.fchmod(fd, 0o600)   # os.open's mode is reduced by the umask; make the mode exactly 0600
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _load_private_key(path: str | os.PathLike):

@@ -30,7 +30,7 @@ def test_manifest_records_int8_and_the_scheme_choice(cpu_bundle):
     model = next(a for a in m.artifacts if a.file == "model.onnx")
     assert model.precision == "int8" and model.target == "cpu"
     quant = m.export["quantization"]
-    assert set(quant["candidates"]) == {"dynamic", "static"}
+    assert set(quant["candidates"]) == {"dynamic", "static", "dynamic-u8"}
     chosen = quant["candidates"][quant["scheme"]]
     assert chosen["passed_gate_thresholds"] is True
     passing = [c for c in quant["candidates"].values() if c["passed_gate_thresholds"]]
@@ -50,12 +50,20 @@ def _int8_weights(bundle) -> list[np.ndarray]:
     return [numpy_helper.to_array(t).astype(np.int32) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
 
 
-def test_int8_weights_use_seven_bits_so_every_cpu_class_computes_the_same(cpu_bundle):
-    weights = _int8_weights(cpu_bundle)
-    assert weights and max(int(np.abs(w).max()) for w in weights) <= 64      # 7-bit: no int16 saturation on AVX2
+def test_the_shipped_int8_artifact_is_valid_on_every_cpu_class(cpu_bundle):
+    """Whichever scheme the timing picks, its integers do not depend on the ISA (7-bit signed or uint8 weights)."""
     portability = load_bundle(cpu_bundle).manifest.export["quantization"]["portability"]
-    assert portability["weight_bits"] == 7
     assert {"x86-avx2", "x86-avx512", "x86-avx512-vnni", "x86-amx"} <= set(portability["valid_cpu_classes"])
+
+
+def test_signed_int8_weights_use_seven_bits(tiny_checkpoint, phantom_test, tmp_path):
+    out = export(ExportConfig(checkpoint=tiny_checkpoint.checkpoint, out=tmp_path / "static", target="cpu",
+                              precision="int8-static", reference_images=phantom_test, reference_count=8,
+                              calibration_count=16, gate="warn"), log=lambda _: None)
+    weights = _int8_weights(out)
+    assert weights and max(int(np.abs(w).max()) for w in weights) <= 64      # 7-bit: no int16 saturation on AVX2
+    portability = load_bundle(out).manifest.export["quantization"]["portability"]
+    assert portability["weight_bits"] == 7 and "x86-avx2" in portability["valid_cpu_classes"]
 
 
 def test_eight_bit_weights_are_declared_valid_only_where_they_cannot_saturate(tiny_checkpoint, phantom_test, tmp_path):
@@ -67,6 +75,21 @@ def test_eight_bit_weights_are_declared_valid_only_where_they_cannot_saturate(ti
     assert "x86-avx2" not in valid and "x86-avx512-vnni" in valid
     with pytest.raises(ConfigError, match="int8_weight_bits"):
         ExportConfig(checkpoint=tiny_checkpoint.checkpoint, out=tmp_path / "x", int8_weight_bits=6)
+
+
+def test_unsigned_weight_scheme_keeps_8_bits_and_is_valid_everywhere(tiny_checkpoint, phantom_test, tmp_path):
+    from onnx import numpy_helper
+
+    out = export(ExportConfig(checkpoint=tiny_checkpoint.checkpoint, out=tmp_path / "u8", target="cpu",
+                              precision="int8-dynamic-u8", reference_images=phantom_test, reference_count=8,
+                              gate="warn"), log=lambda _: None)
+    graph = onnx.load(str(out / "model.onnx")).graph
+    weights = [numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.UINT8]
+    assert weights and max(int(w.max()) for w in weights) > 128      # the whole uint8 range, not 7 bits
+    assert {"ConvInteger", "MatMulInteger"} <= {n.op_type for n in graph.node}   # convolutions quantized too
+    quant = load_bundle(out).manifest.export["quantization"]
+    assert quant["scheme"] == "dynamic-u8" and quant["portability"]["weights"] == "uint8"
+    assert "x86-avx2" in quant["portability"]["valid_cpu_classes"]
 
 
 def _candidate(scheme: str, ms: float, agreement: float, cosine: float, passed: bool) -> Candidate:
@@ -139,7 +162,8 @@ def test_gate_refuses_broken_int8_weights(tiny_checkpoint, phantom_test, tmp_pat
 
 
 def test_precision_picks_the_schemes():
-    assert schemes_for(None) == ("dynamic", "static")
+    assert schemes_for(None) == ("dynamic", "static", "dynamic-u8")
+    assert schemes_for("int8-dynamic-u8") == ("dynamic-u8",)
     assert schemes_for("int8-static") == ("static",)
     with pytest.raises(ConfigError, match="int8"):
         schemes_for("fp16")

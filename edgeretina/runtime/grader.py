@@ -86,8 +86,8 @@ class Grader:
         Raises VerificationError when this device does not reproduce the bundle's reference outputs."""
         cv2.setNumThreads(IMAGE_THREADS)   # process-wide: the grader owns the process on a device
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-        self.signature = enforce_trust(self.bundle, resolve_trust(trust),
-                                       name=None if isinstance(bundle, Bundle) else str(bundle))
+        name = None if isinstance(bundle, Bundle) else str(bundle)    # how messages call it: the user's path
+        self.signature = enforce_trust(self.bundle, resolve_trust(trust), name=name)
         manifest = self.bundle.manifest
         self.preprocess = PreprocessConfig.from_dict(manifest.model["preprocess"])
         self.grading = GradingConfig.from_dict(manifest.grading)
@@ -100,7 +100,7 @@ class Grader:
         self.bank = (FeatureBank.load(self.bundle.root / manifest.bank["file"], threads,
                                       use_openvino=self.backend == "openvino") if manifest.bank else None)
         self.k = int(manifest.bank.get("k", 5)) if manifest.bank else 0
-        self.verification = ensure_verified(self.bundle, self.runner, self.backend, self.bank, verify)
+        self.verification = ensure_verified(self.bundle, self.runner, self.backend, self.bank, verify, name=name)
         _return_freed_heap()
 
     def _pick_backend(self) -> str:

@@ -91,23 +91,32 @@ def verify_on_device(bundle: Bundle, runner: Runner, backend: str, bank: Feature
 
 
 def ensure_verified(bundle: Bundle, runner: Runner, backend: str, bank: FeatureBank | None = None,
-                    mode: str = "cached") -> VerifyReport | None:
+                    mode: str = "cached", name: str | None = None) -> VerifyReport | None:
     """Verify unless `mode` is "off"; "cached" reuses this device's earlier result for the same bundle,
-    backend, device and CPU. Raises VerificationError (with the failed checks) when it fails."""
+    backend, device and CPU. name: how messages call the bundle (default: its directory).
+    Raises VerificationError (with the failed checks) when it fails."""
     if mode not in VERIFY_MODES:
         raise ConfigError(f"verify must be one of {', '.join(VERIFY_MODES)}, not {mode!r}")
     if mode == "off":
         return None
     key = _cache_key(bundle, backend, runner)
-    cached = device_cache.read_entry(CACHE_KIND, key) if mode == "cached" else None
-    if cached is not None:
-        report = VerifyReport(**{**cached, "cached": True})
-    else:
+    report = _cached_report(key) if mode == "cached" else None
+    if report is None:
         report = verify_on_device(bundle, runner, backend, bank)
         device_cache.write_entry(CACHE_KIND, key, report.to_dict())
+    report.bundle = name or str(bundle.root)
     if not report.passed:
         raise VerificationError(refusal(report))
     return report
+
+
+def _cached_report(key: str) -> VerifyReport | None:
+    """This device's stored result, or None (none yet, or written by another edgeretina version)."""
+    entry = device_cache.read_entry(CACHE_KIND, key)
+    try:
+        return VerifyReport(**{**entry, "cached": True}) if entry is not None else None
+    except TypeError:
+        return None
 
 
 def verify_here(bundle_path, backend: str | None = None, threads: int | None = None, device: str | None = None,

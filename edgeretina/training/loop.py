@@ -83,7 +83,7 @@ def train(config: TrainConfig, log: Logger = _stderr, show_progress: bool = True
         torch.set_num_threads(config.threads)
     precision = resolve_precision(config.precision)
     log(f"precision: {precision.name} ({precision.reason})")
-    model = GraderModel(config.model)
+    model = _memory_format(GraderModel(config.model), torch.channels_last)
     preprocess = PreprocessConfig(image_size=model.backbone.image_size, mean=tuple(model.backbone.mean),
                                   std=tuple(model.backbone.std), ben_graham=config.ben_graham)
     train_items, val_items = _split(config, rng)
@@ -121,6 +121,7 @@ def train(config: TrainConfig, log: Logger = _stderr, show_progress: bool = True
             log(f"time budget of {config.max_minutes} min reached after epoch {epoch + 1}")
             break
     model.load_state_dict(best_state)
+    model = _memory_format(model, torch.contiguous_format)   # checkpoint and ONNX export see plain tensors
     model.eval()
     val_out = predict(model, val_set.images, preprocess, config.batch_size)
     grading = calibrate(val_out["ordinal_logits"], val_set.grades)
@@ -206,7 +207,7 @@ def _train_epoch(model, data: PreparedSet, preprocess, optimizer, scheduler, con
         grades = torch.from_numpy(data.grades[idx])
         with torch.autocast("cpu", dtype=precision.autocast_dtype or torch.bfloat16,
                             enabled=precision.autocast_dtype is not None):
-            outputs = model(to_model_input(images, preprocess))
+            outputs = model(_like_model(to_model_input(images, preprocess), model))
         targets = torch.from_numpy(lesions).float() if lesions is not None else None
         loss, parts = grader_loss(outputs, grades, config.loss, targets)
         optimizer.zero_grad(set_to_none=True)
@@ -217,6 +218,22 @@ def _train_epoch(model, data: PreparedSet, preprocess, optimizer, scheduler, con
         for key, value in {"total": float(loss.detach()), **parts}.items():
             totals[key] = totals.get(key, 0.0) + value / steps
     return totals
+
+
+def _memory_format(model: GraderModel, memory_format: torch.memory_format) -> GraderModel:
+    """Convolutional towers train in channels-last on the CPU: oneDNN's NHWC kernels took a tiny-rn step
+    (batch 32 at 224 px, fp32, 2 threads, AMD EPYC Zen 3) from ~1.0 to ~0.77 s. ViTs are left as they are."""
+    if model.backbone.kind == "vit":
+        return model
+    return model.to(memory_format=memory_format)
+
+
+def _like_model(images: torch.Tensor, model: GraderModel) -> torch.Tensor:
+    """The batch in the memory format the model's convolutions are in (no copy for a plain model)."""
+    weight = next((p for p in model.parameters() if p.dim() == 4 and p.shape[-1] > 1), None)
+    if weight is None or weight.is_contiguous():
+        return images
+    return images.contiguous(memory_format=torch.channels_last)
 
 
 def _progress(iterable, total: int, label: str, enabled: bool):
@@ -236,7 +253,7 @@ def predict(model: GraderModel, images_u8: np.ndarray, preprocess: PreprocessCon
     model.eval()
     chunks: dict[str, list[np.ndarray]] = {}
     for idx in sequential_batches(len(images_u8), batch_size):
-        out = model(to_model_input(images_u8[idx], preprocess))
+        out = model(_like_model(to_model_input(images_u8[idx], preprocess), model))
         for name in model.output_names:
             chunks.setdefault(name, []).append(out[name].float().numpy())
     return {name: np.concatenate(parts) for name, parts in chunks.items()}
