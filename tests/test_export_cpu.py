@@ -87,9 +87,27 @@ def test_unsigned_weight_scheme_keeps_8_bits_and_is_valid_everywhere(tiny_checkp
     weights = [numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.UINT8]
     assert weights and max(int(w.max()) for w in weights) > 128      # the whole uint8 range, not 7 bits
     assert {"ConvInteger", "MatMulInteger"} <= {n.op_type for n in graph.node}   # convolutions quantized too
-    quant = load_bundle(out).manifest.export["quantization"]
+    manifest = load_bundle(out).manifest
+    quant = manifest.export["quantization"]
     assert quant["scheme"] == "dynamic-u8" and quant["portability"]["weights"] == "uint8"
     assert "x86-avx2" in quant["portability"]["valid_cpu_classes"]
+    assert manifest.export["runtime"]["onnxruntime"] == {"one_image_per_run": True}
+
+
+def test_a_dynamic_int8_result_does_not_depend_on_the_photos_batched_with_it(tiny_checkpoint, phantom_test, tmp_path):
+    """DynamicQuantizeLinear takes one range over the whole batch; the bundle's runner runs photos one by one."""
+    from edgeretina.preprocess import PreprocessConfig, normalize
+    from edgeretina.reference_set import load_reference_set
+
+    out = export(ExportConfig(checkpoint=tiny_checkpoint.checkpoint, out=tmp_path / "dyn", target="cpu",
+                              precision="int8-dynamic", reference_images=phantom_test, reference_count=8,
+                              gate="warn"), log=lambda _: None)
+    grader = Grader(out, threads=1)
+    inputs = normalize(load_reference_set(out / "reference.npz").inputs_u8,
+                       PreprocessConfig.from_dict(grader.bundle.manifest.model["preprocess"]))
+    alone = grader.runner.run(inputs[:1])["ordinal_logits"]
+    dark_neighbour = np.concatenate([inputs[:1], inputs[1:2] * 0.0 - 3.0])   # a batch-mate with other ranges
+    np.testing.assert_array_equal(grader.runner.run(dark_neighbour)["ordinal_logits"][:1], alone)
 
 
 def _candidate(scheme: str, ms: float, agreement: float, cosine: float, passed: bool) -> Candidate:

@@ -75,6 +75,10 @@ from edgeretina.timing import interleaved_median_ms
 SCHEMES = ("dynamic", "static", "dynamic-u8")
 PRECISION_SCHEMES = {"int8": SCHEMES, "int8-dynamic": ("dynamic",), "int8-static": ("static",),
                      "int8-dynamic-u8": ("dynamic-u8",)}
+# Schemes that quantize activations at run time: DynamicQuantizeLinear takes one range over the whole
+# tensor, batch included, so an image's result would depend on the photos batched with it (ViT-B-16 INT8:
+# ordinal logits moved by up to 0.0095 between batch 16 and batch 1). Their bundles run one image per call.
+DYNAMIC_SCHEMES = ("dynamic", "dynamic-u8")
 # Schemes whose weights are uint8 (asymmetric, per channel): MLAS computes u8 x u8 by widening to int16
 # before vpmaddwd on every x86 class, so the sums never saturate even with all 8 bits.
 UNSIGNED_WEIGHT_SCHEMES = ("dynamic-u8",)
@@ -136,6 +140,8 @@ def quantize_int8(ctx: ExportContext, options: OrtInt8Options = OrtInt8Options()
                   for (scheme, path), ms in zip(built.items(), latencies)]
     chosen, reason = _choose(candidates)
     ctx.onnx_path = chosen.path
+    if runtime_settings(chosen.scheme):
+        ctx.export_info.setdefault("runtime", {})["onnxruntime"] = runtime_settings(chosen.scheme)
     ctx.export_info["quantization"] = {
         "library": "onnxruntime.quantization", "scheme": chosen.scheme, "reason": reason,
         "candidates": {c.scheme: c.summary() for c in candidates},
@@ -168,9 +174,14 @@ def gate_onnx_int8(ctx: ExportContext, thresholds: GateThresholds = INT8_THRESHO
     """Run the chosen INT8 graph with the runtime's own runner and compare it with torch (size included)."""
     from edgeretina.runtime.backends import create_runner
 
-    runner = create_runner("onnxruntime", ctx.onnx_path)
+    runner = create_runner("onnxruntime", ctx.onnx_path, settings=ctx.export_info.get("runtime", {}).get("onnxruntime"))
     run_gate(ctx, runner.run(ctx.reference_inputs), thresholds, "onnx-int8",
              model_bytes=ctx.onnx_path.stat().st_size)
+
+
+def runtime_settings(scheme: str) -> dict:
+    """What the onnxruntime runner must do for a scheme's graph (manifest export.runtime.onnxruntime)."""
+    return {"one_image_per_run": True} if scheme in DYNAMIC_SCHEMES else {}
 
 
 def schemes_for(precision: str | None) -> tuple[str, ...]:
@@ -278,7 +289,7 @@ def _portability(ctx: ExportContext, scheme: str) -> dict:
 def _measure(ctx: ExportContext, scheme: str, path: Path, median_ms: float, options: OrtInt8Options) -> Candidate:
     from edgeretina.runtime.backends import create_runner
 
-    outputs = create_runner("onnxruntime", path).run(ctx.reference_inputs)
+    outputs = create_runner("onnxruntime", path, settings=runtime_settings(scheme)).run(ctx.reference_inputs)
     bank = ctx.checkpoint.bank.embeddings if ctx.checkpoint.bank is not None else None
     checks = compare(ctx.reference_outputs, outputs, ctx.checkpoint.grading, options.thresholds, bank,
                      truth=ctx.reference_truth)

@@ -76,7 +76,7 @@ def verify_on_device(bundle: Bundle, runner: Runner, backend: str, bank: Feature
     reference = load_reference_set(bundle.root / spec["reference_set"])
     thresholds = _thresholds(spec.get("thresholds") or {})
     inputs = normalize(reference.inputs_u8, PreprocessConfig.from_dict(manifest.model["preprocess"]))
-    outputs = runner.run(inputs)
+    outputs = _one_at_a_time(runner, inputs)
     checks = compare(reference.torch_outputs, outputs, GradingConfig.from_dict(manifest.grading), thresholds,
                      bank.embeddings if bank is not None else None)
     return VerifyReport(
@@ -180,6 +180,13 @@ def backend_version(backend: str) -> str:
 def _cache_key(bundle: Bundle, backend: str, runner: Runner) -> str:
     return device_cache.cache_key(manifest_sha256(bundle), backend, backend_version(backend), runner.device,
                                   cpu_fingerprint())
+
+
+def _one_at_a_time(runner: Runner, inputs: np.ndarray) -> dict[str, np.ndarray]:
+    """Batch 1, as a camera grades: the first (verifying) run of a grader then peaks no higher than grading.
+    ViT-B-16 INT8 on ONNX Runtime, cold `edgeretina grade`: 315 MB peak verifying 5 images as one batch."""
+    results = [runner.run(inputs[i:i + 1]) for i in range(len(inputs))]
+    return {name: np.concatenate([r[name] for r in results]) for name in results[0]}
 
 
 def _thresholds(recorded: dict) -> GateThresholds:

@@ -54,5 +54,10 @@ class OnnxRuntimeRunner(Runner):
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def _infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        if self.settings.get("one_image_per_run") and len(images) > 1:
+            # dynamic INT8: activation ranges are taken over the whole batch, so each photo runs alone and
+            # its result never depends on the photos graded with it
+            parts = [self._infer(images[i:i + 1]) for i in range(len(images))]
+            return {name: np.concatenate([p[name] for p in parts]) for name in self.output_names}
         values = self.session.run(self.output_names, {INPUT_NAME: images})
         return dict(zip(self.output_names, values))
