@@ -99,14 +99,21 @@ def ensure_verified(bundle: Bundle, runner: Runner, backend: str, bank: FeatureB
         raise ConfigError(f"verify must be one of {', '.join(VERIFY_MODES)}, not {mode!r}")
     if mode == "off":
         return None
+    report = verification_report(bundle, runner, backend, bank, fresh=mode == "always", name=name)
+    if not report.passed:
+        raise VerificationError(refusal(report))
+    return report
+
+
+def verification_report(bundle: Bundle, runner: Runner, backend: str, bank: FeatureBank | None = None,
+                        fresh: bool = False, name: str | None = None) -> VerifyReport:
+    """This device's result for the bundle: the cached one unless `fresh`, else measured now and stored."""
     key = _cache_key(bundle, backend, runner)
-    report = _cached_report(key) if mode == "cached" else None
+    report = None if fresh else _cached_report(key)
     if report is None:
         report = verify_on_device(bundle, runner, backend, bank)
         device_cache.write_entry(CACHE_KIND, key, report.to_dict())
     report.bundle = name or str(bundle.root)
-    if not report.passed:
-        raise VerificationError(refusal(report))
     return report
 
 
@@ -126,10 +133,8 @@ def verify_here(bundle_path, backend: str | None = None, threads: int | None = N
     from edgeretina.runtime.grader import Grader   # the grader verifies through this module
 
     grader = Grader(bundle_path, backend=backend, threads=threads, device=device, trust=trust, verify="off")
-    report = verify_on_device(grader.bundle, grader.runner, grader.backend, grader.bank)
-    report.bundle = str(bundle_path)
-    device_cache.write_entry(CACHE_KIND, _cache_key(grader.bundle, grader.backend, grader.runner), report.to_dict())
-    return report
+    return verification_report(grader.bundle, grader.runner, grader.backend, grader.bank, fresh=True,
+                               name=str(bundle_path))
 
 
 def refusal(report: VerifyReport) -> str:
