@@ -134,11 +134,17 @@ def test_corrupt_reference_outputs_fail_verify_with_a_table(corrupt_reference_bu
 
 
 def test_a_grader_refuses_a_bundle_that_fails_here_and_says_how_to_override(corrupt_reference_bundle, own_cache,
-                                                                           phantom_test):
+                                                                           phantom_test, monkeypatch):
+    from edgeretina.runtime import verify as verify_module
+
+    runs = []
+    real = verify_module.verify_on_device
+    monkeypatch.setattr(verify_module, "verify_on_device", lambda *a, **k: runs.append(1) or real(*a, **k))
     with pytest.raises(VerificationError, match="embedding_cosine.*--no-verify"):
         Grader(corrupt_reference_bundle, threads=1)
     with pytest.raises(VerificationError):            # the cached failure refuses again, without re-running
         Grader(corrupt_reference_bundle, threads=1)
+    assert len(runs) == 1
     record = Grader(corrupt_reference_bundle, threads=1, verify="off").grade([_photo(phantom_test)])[0]
     assert record.error is None and record.grade is not None
 
