@@ -15,6 +15,9 @@ FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16"
                      "amx_bf16", "asimd", "asimddp", "i8mm")
 #: The flags whose presence changes which OpenVINO runtime precision is fastest (bf16 units, AMX tiles).
 PRECISION_CLASS_FLAGS = ("avx512_bf16", "amx_bf16", "amx_int8")
+#: Flags that mean bf16 matmuls run in hardware (AVX-512 BF16 dot products, AMX tiles); without them bf16 is
+#: emulated (training) or unavailable (OpenVINO computes f32).
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 @lru_cache(maxsize=1)
@@ -36,6 +39,12 @@ def cpu_info() -> tuple[str, tuple[str, ...]]:
 
 def cpu_flags() -> list[str]:
     return list(cpu_info()[1])
+
+
+def has_native_bf16(flags: list[str] | tuple[str, ...] | None = None) -> bool:
+    """Whether `flags` (default: this CPU's) include a bf16 unit."""
+    present = cpu_flags() if flags is None else flags
+    return any(flag in present for flag in NATIVE_BF16_FLAGS)
 
 
 def precision_class(flags: list[str] | tuple[str, ...] | None = None) -> list[str]:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import numpy as np
 
 from edgeretina.bundle import describe_artifact
-from edgeretina.cpu import cpu_flags, int8_validity, precision_class
+from edgeretina.cpu import has_native_bf16, int8_validity, precision_class
 from edgeretina.errors import ConfigError, MissingDependencyError
 from edgeretina.export.bank import write_bank
 from edgeretina.export.gate import run_gate
@@ -290,7 +290,7 @@ def choose_runtime_precision(ctx: ExportContext, runs: int = 12) -> None:
     """Time the IR under each inference precision this CPU offers (1 thread, interleaved) and record the
     fastest as the runtime setting (manifest export.runtime.openvino; runners/openvino.py applies it on a
     CPU of the same precision class). Without bf16 units there is only f32: nothing to time."""
-    hints = ["f32"] + (["bf16"] if {"avx512_bf16", "amx_bf16"} & set(cpu_flags()) else [])
+    hints = ["f32"] + (["bf16"] if has_native_bf16() else [])
     from edgeretina.runtime.backends.openvino import time_precision_hints
 
     medians = (time_precision_hints(_ov().Core(), ir_path(ctx), hints, runs, ctx.reference_inputs[:1])

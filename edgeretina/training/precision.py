@@ -12,12 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgeretina.cpu import cpu_flags
+from edgeretina.cpu import has_native_bf16
 from edgeretina.errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-#: CPU flags that mean bf16 matmuls run in hardware (AVX-512 BF16 dot products, AMX tiles).
-NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 @dataclass(frozen=True)
@@ -32,11 +30,6 @@ class ResolvedPrecision:
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.name)
 
 
-def cpu_has_native_bf16(flags: list[str] | tuple[str, ...] | None = None) -> bool:
-    present = cpu_flags() if flags is None else flags
-    return any(flag in present for flag in NATIVE_BF16_FLAGS)
-
-
 def resolve_precision(requested: str, device: str = "cpu", flags: list[str] | tuple[str, ...] | None = None,
                       cuda_bf16: bool | None = None) -> ResolvedPrecision:
     """The autocast precision for `requested` on `device` ("cpu" or "cuda"). flags: the CPU's ISA flags
@@ -47,7 +40,7 @@ def resolve_precision(requested: str, device: str = "cpu", flags: list[str] | tu
         return _resolve_cuda(requested, cuda_bf16)
     if requested == "fp16":
         raise ConfigError("fp16 training is for CUDA; on a CPU use bf16 (where the CPU has bf16 units) or fp32")
-    native = cpu_has_native_bf16(flags)
+    native = has_native_bf16(flags)
     if requested == "auto":
         return (ResolvedPrecision("bf16", "auto: the CPU computes bf16 natively (AVX512_BF16/AMX)") if native else
                 ResolvedPrecision("fp32", "auto: no bf16 units on this CPU (bf16 would be emulated, ~8x slower)"))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeretina.cpu import precision_class
+from edgeretina.cpu import has_native_bf16, precision_class
 from edgeretina.errors import BackendError, MissingDependencyError
 from edgeretina.runtime.backends.base import INPUT_NAME, Runner
 
@@ -79,7 +79,7 @@ class OpenVinoRunner(Runner):
     def _remeasured_precision_hint(self, core) -> str:
         """The faster inference precision on this CPU: f32 without bf16 units (nothing to time), else f32 and
         bf16 timed once on this IR (1 thread, interleaved) and the answer cached for this CPU."""
-        if not {"avx512_bf16", "amx_bf16"} & set(precision_class()):
+        if not has_native_bf16():
             return "f32"
         from edgeretina.bundle import sha256_file
         from edgeretina.cpu import cpu_fingerprint
