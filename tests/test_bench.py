@@ -45,7 +45,7 @@ def test_rows_have_the_required_keys_and_sane_values(bench_result):
         assert 0.3 < row["throughput_ips"] / (row["batch"] * 1000.0 / row["p50_ms"]) < 3.0
         assert {"decode", "quality", "preprocess", "inference", "postprocess", "knn", "overlay"} <= set(row["stages_ms"])
         assert 0.9 <= row["agreement"] <= 1.0 and row["cosine"] > 0.99
-        assert row["scheme"] == "fp32" and row["knn_scorer"] == "numpy-float32"     # float16 bank: numpy scores it
+        assert row["scheme"] == "fp32" and row["knn_scorer"] == "onnxruntime-int8-prefilter"
         assert (row["compute_precision"] is None) == (row["backend"] == "onnxruntime")   # OpenVINO says what it ran in
 
 

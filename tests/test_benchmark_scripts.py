@@ -75,6 +75,7 @@ def test_knn_benchmark_times_both_scorers_and_they_agree(tmp_path):
                            "--runs", "20"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
-    assert set(result["median_ms"]) == {"openvino-int8", "numpy-float32"}
+    assert set(result["median_ms"]) == {"onnxruntime-int8-prefilter", "numpy-float32"}
     assert all(isinstance(ms, float) and ms > 0 for ms in result["median_ms"].values())
     assert result["same_neighbours"] is True and result["bank_bytes_on_disk"] > 600 * 64
+    assert result["machine"]["cpu"] and isinstance(result["exhaustive_fallbacks"], int)

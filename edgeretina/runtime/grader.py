@@ -97,8 +97,7 @@ class Grader:
         self.runner = create_runner(self.backend, self.bundle.path(model_artifact), threads=threads, device=device,
                                     settings=manifest.export.get("runtime", {}).get(self.backend))
         _return_freed_heap()   # before the bank arrives on top of what the session load left behind
-        self.bank = (FeatureBank.load(self.bundle.root / manifest.bank["file"], threads,
-                                      use_openvino=self.backend == "openvino") if manifest.bank else None)
+        self.bank = FeatureBank.load(self.bundle.root / manifest.bank["file"], threads) if manifest.bank else None
         self.k = int(manifest.bank.get("k", 5)) if manifest.bank else 0
         self.verification = ensure_verified(self.bundle, self.runner, self.backend, self.bank, verify, name=name)
         _return_freed_heap()
