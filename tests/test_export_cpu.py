@@ -10,8 +10,9 @@ from edgeretina.bundle import load_bundle
 from edgeretina.dataset import read_labels
 from edgeretina.errors import ConfigError, GateError
 from edgeretina.export import ExportConfig, export
-from edgeretina.export.quantize_ort import (FLOAT_SCOPES, Candidate, _choose, near_threshold_count,
-                                           quantize_int8, schemes_for)
+from edgeretina.export.quantize_ort import (FLOAT_SCOPES, Candidate, OrtInt8Options, _choose,
+                                           calibration_method, calibration_ranges, describe_calibration,
+                                           near_threshold_count, quantize_int8, schemes_for)
 from edgeretina.runtime.grader import Grader
 
 QUANTIZED_OPS = {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QuantizeLinear", "DequantizeLinear"}
@@ -39,6 +40,7 @@ def test_manifest_records_int8_and_the_scheme_choice(cpu_bundle):
     assert m.export["calibration"]["count"] == 16
     assert m.export["gate"]["onnx-int8"]["passed"] is True
     assert quant["kept_float"]["scopes"] == list(FLOAT_SCOPES)
+    assert quant["calibration_method"] == {"method": "MinMax"}      # the fixture is a ViT: "auto" keeps MinMax
     near = quant["near_threshold"]
     assert near["of"] == 8 and 0 <= near["images"] <= 8
 
@@ -108,6 +110,52 @@ def test_a_dynamic_int8_result_does_not_depend_on_the_photos_batched_with_it(tin
     alone = grader.runner.run(inputs[:1])["ordinal_logits"]
     dark_neighbour = np.concatenate([inputs[:1], inputs[1:2] * 0.0 - 3.0])   # a batch-mate with other ranges
     np.testing.assert_array_equal(grader.runner.run(dark_neighbour)["ordinal_logits"][:1], alone)
+
+
+def test_static_ranges_are_percentile_for_resnet_towers_and_minmax_otherwise():
+    from types import SimpleNamespace
+
+    def ctx(kind):
+        return SimpleNamespace(checkpoint=SimpleNamespace(model=SimpleNamespace(backbone=SimpleNamespace(kind=kind))))
+
+    assert calibration_method(ctx("resnet"), OrtInt8Options()) == "percentile"
+    assert calibration_method(ctx("vit"), OrtInt8Options()) == "minmax"
+    assert calibration_method(ctx("timm"), OrtInt8Options()) == "minmax"                # not measured there
+    assert calibration_method(ctx("vit"), OrtInt8Options(calibration="percentile")) == "percentile"
+    assert describe_calibration(ctx("resnet"), OrtInt8Options()) == {
+        "method": "Percentile", "percentile": 99.999, "symmetric": False, "histogram_bins": 2048, "chunk_images": 32}
+
+
+def test_percentile_ranges_are_collected_chunk_by_chunk(onnx_bundle, tmp_path, monkeypatch):
+    """ORT's histogram calibrater holds every intermediate output of one collect_data call (gigabytes for
+    ViT-B-16 x 256 images): each call must see one chunk only and leave nothing held; histograms merge."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, HistogramCalibrater
+
+    images_per_call, held_after_call = [], []
+    collect = HistogramCalibrater.collect_data
+
+    def counting_collect(self, reader):
+        get_next, seen = reader.get_next, []
+
+        def counting_get_next():
+            feed = get_next()
+            if feed is not None:
+                seen.append(len(feed["image"]))
+            return feed
+
+        reader.get_next = counting_get_next
+        collect(self, reader)
+        images_per_call.append(sum(seen))
+        held_after_call.append(len(self.intermediate_outputs))
+
+    monkeypatch.setattr(HistogramCalibrater, "collect_data", counting_collect)
+    images = np.random.default_rng(0).normal(size=(20, 3, 64, 64)).astype(np.float32)
+    ranges = calibration_ranges(onnx_bundle / "model.onnx", images, OrtInt8Options(calibration_chunk=8), tmp_path)
+    assert images_per_call == [8, 8, 4] and held_after_call == [0, 0, 0]
+    assert ranges.calibration_method == CalibrationMethod.Percentile
+    low, high = (float(v) for v in ranges["image"].range_value)
+    assert images.min() <= low < 0 < high <= images.max() and low != -high       # asymmetric, all 20 images
+    assert len(list(ranges.keys())) > 10
 
 
 def _candidate(scheme: str, ms: float, agreement: float, cosine: float, passed: bool) -> Candidate:

@@ -96,15 +96,20 @@ def test_gate_refuses_a_corrupted_ir(tiny_checkpoint, phantom_test, tmp_path, in
 
 
 def test_int8_ir_from_the_cpu_targets_qdq_graph(tiny_checkpoint, phantom_test, tmp_path, monkeypatch):
-    """The CNN route (forced here on the ViT fixture): ORT static QDQ converted to an INT8 IR, gated as usual."""
+    """The CNN route (forced here on the ViT fixture, with the CNN's percentile ranges): ORT static QDQ
+    converted to an INT8 IR, gated as usual."""
     from edgeretina.export import targets
     from edgeretina.export.openvino_steps import OpenVinoOptions, openvino_target
+    from edgeretina.export.quantize_ort import OrtInt8Options
 
-    monkeypatch.setitem(targets.TARGETS, "openvino", openvino_target(OpenVinoOptions(int8_source="ort-qdq")))
+    options = OpenVinoOptions(int8_source="ort-qdq", qdq=OrtInt8Options(calibration="percentile", calibration_chunk=8))
+    monkeypatch.setitem(targets.TARGETS, "openvino", openvino_target(options))
     out = _export(tiny_checkpoint.checkpoint, tmp_path / "qdq", phantom_test, "int8", gate="warn")
     export_info = json.loads((out / "manifest.json").read_text())["export"]
     assert export_info["quantization"]["tool"].startswith("onnxruntime")
     assert export_info["quantization"]["calibration_images"] == 32
+    assert export_info["quantization"]["calibration_method"] == {
+        "method": "Percentile", "percentile": 99.999, "symmetric": False, "histogram_bins": 2048, "chunk_images": 8}
     assert "grade_agreement" in export_info["gate"]["openvino-int8"]["checks"]
     xml = (out / "model.xml").read_text()
     assert 'type="FakeQuantize"' in xml or 'element_type="i8"' in xml

@@ -7,7 +7,7 @@ inserted between them (a test's corruption, a future pruning pass) sees the curr
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +20,7 @@ from edgeretina.export.bank import write_bank
 from edgeretina.export.gate import run_gate
 from edgeretina.grades import ordinal_grades
 from edgeretina.export.onnx_steps import check_onnx, export_onnx_fp32
+from edgeretina.export.quantize_ort import OrtInt8Options
 from edgeretina.export.reference import load_calibration, load_reference
 from edgeretina.export.reference_set import write_reference_set
 from edgeretina.export.steps import ExportContext, Step
@@ -42,7 +43,12 @@ HEAD_PATTERNS = (r"/model/(?!backbone/).*", r".*/attnpool/.*", r"/model/backbone
 # stays ~0.05 against ORT's 0.027 with the same layers float. So for CNN towers the IR is converted from
 # the cpu target's static QDQ graph (`int8_source`): OpenVINO reads Q/DQ pairs as INT8 (same ranges, same
 # kept-float layers): agreement 0.984 (one flip, 0.004 from a threshold), min cosine 0.996, KNN 0.82,
-# 2.6 ms 1-thread. Its XML names every Q/DQ tensor; the long exporter names alone cost 0.003 of the
+# 2.6 ms 1-thread. All 300 held-out photos of the demo on an AVX2-only AMD EPYC Zen 3, against the FP32
+# bundle (295 gradable), 1 thread: MinMax ranges 0.986 / min cosine 0.988 / 9.8 ms (OpenVINO FP32 IR
+# 10.8 ms, ORT FP32 8.5 ms); Percentile 99.999 asymmetric ranges (quantize_ort.py, default for ResNets)
+# 0.997 / 0.992 / 9.7 ms. OpenVINO reading the cpu target's dynamic-u8 graph instead decomposes ConvInteger
+# into Convert-to-i32 + Convolution: 0.993 / 0.9992 but 12.9 ms and size 0.97, so not a source.
+# Its XML names every Q/DQ tensor; the long exporter names alone cost 0.003 of the
 # size ratio (0.351 -> 0.349), so internal names are shortened first (graph inputs/outputs keep theirs).
 SENSITIVE_PATTERNS = (r"/model/backbone/(conv[123]|layer1)/.*", r".*/attnpool/(MatMul_3|MatMul_4|Gemm)")
 PRECISIONS = ("fp16", "int8")
@@ -75,6 +81,7 @@ class OpenVinoOptions:
     # "auto": the cpu target's ORT static QDQ graph, converted, for CNN towers (measured above); NNCF for
     # ViTs (its TRANSFORMER model type keeps softmax/LayerNorm inputs float and smooths the MatMuls)
     int8_source: Literal["auto", "nncf", "ort-qdq"] = "auto"
+    qdq: OrtInt8Options = field(default_factory=OrtInt8Options)   # how the "ort-qdq" graph is built
 
 
 def openvino_target(options: OpenVinoOptions = OpenVinoOptions()) -> list[Step]:
@@ -148,7 +155,7 @@ def quantize_openvino_int8(ctx: ExportContext, options: OpenVinoOptions = OpenVi
     except ImportError:
         raise MissingDependencyError("nncf", "openvino", "INT8 quantization for OpenVINO") from None
     if _int8_source(ctx, options) == "ort-qdq":
-        _quantize_via_ort_qdq(ctx, ov)
+        _quantize_via_ort_qdq(ctx, ov, options.qdq)
         return
     model = ov.Core().read_model(str(ir_path(ctx)))
     settings = _quantization_settings(ctx, options, nncf)
@@ -172,24 +179,27 @@ def _int8_source(ctx: ExportContext, options: OpenVinoOptions) -> str:
     return "nncf" if ctx.checkpoint.model.backbone.kind == "vit" else "ort-qdq"
 
 
-def _quantize_via_ort_qdq(ctx: ExportContext, ov) -> None:
+def _quantize_via_ort_qdq(ctx: ExportContext, ov, options: OrtInt8Options) -> None:
     """The cpu target's static QDQ graph (quantize_ort.py) as the INT8 IR; Q/DQ become FakeQuantize."""
-    from edgeretina.export.quantize_ort import FLOAT_SCOPES, OrtInt8Options, build_static_qdq
+    from edgeretina.export.quantize_ort import build_static_qdq, describe_calibration
 
-    qdq = build_static_qdq(ctx)
+    qdq = build_static_qdq(ctx, options)
     compact = _with_short_names(qdq, ctx.work / "model_int8_qdq_short.onnx")
     replace_ir(ctx, ov.convert_model(str(compact)))
-    options = OrtInt8Options()
+    calibration = describe_calibration(ctx, options)
     ctx.export_info["quantization"] = {
         "tool": "onnxruntime.quantization -> openvino", "mode": "post-training",
-        "format": "static QDQ, U8 activations (MinMax), INT8 per-channel weights",
+        "format": f"static QDQ, U8 activations ({calibration['method']}), INT8 per-channel weights",
+        "calibration_method": calibration,
         "calibration_images": len(ctx.calibration_inputs),
         "kept_float": {"op_types": list(options.float_op_types), "heads": options.keep_heads_float,
-                       "activation_matmuls": options.keep_activation_matmuls_float, "scopes": list(FLOAT_SCOPES)},
+                       "activation_matmuls": options.keep_activation_matmuls_float,
+                       "scopes": list(options.float_scopes)},
         "reason": "NNCF INT8 failed grade agreement on the demo CNN (ordinal-logit error ~0.05 vs 0.027)",
         "portability": int8_validity(ctx.config.int8_weight_bits),
     }
-    ctx.log(f"quantized to INT8 via ONNX Runtime static QDQ ({len(ctx.calibration_inputs)} calibration images)")
+    ctx.log(f"quantized to INT8 via ONNX Runtime static QDQ ({len(ctx.calibration_inputs)} calibration images, "
+            f"{calibration['method']} ranges)")
 
 
 def _with_short_names(src: Path, dst: Path) -> Path:
