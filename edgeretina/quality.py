@@ -56,7 +56,9 @@ import cv2
 import numpy as np
 
 from edgeretina.errors import ConfigError
-from edgeretina.preprocess import FieldOfView, _check_rgb, _crop_padded, _disc_mask, detect_fov
+from edgeretina.preprocess import FieldOfView, detect_fov
+from edgeretina.preprocess.fov import _check_rgb
+from edgeretina.preprocess.transform import _crop_padded, _disc_mask
 
 __all__ = ["REASONS", "REASON_TEXT", "QualityConfig", "QualityReport", "assess_quality"]
 

@@ -29,6 +29,8 @@ from edgeretina.preprocess import (
     prepare,
     preprocess,
 )
+from edgeretina.preprocess.fov import _fraction_inside
+from edgeretina.preprocess.transform import _disc_mask
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -336,18 +338,18 @@ def test_detect_fov_synthetic(name):
     fov = detect_fov(img)
     assert fov.found
     assert abs(fov.cx - cx) < 0.02 * r and abs(fov.cy - cy) < 0.02 * r and abs(fov.radius - r) < 0.02 * r, fov
-    expected_visible = pp._fraction_inside(cx, cy, r, w, h)
+    expected_visible = _fraction_inside(cx, cy, r, w, h)
     assert fov.fraction_visible == pytest.approx(expected_visible, abs=0.02)
 
 
 def test_fraction_inside_matches_geometry():
-    assert pp._fraction_inside(50, 50, 40, 100, 100) == pytest.approx(1.0)
-    assert pp._fraction_inside(0, 50, 40, 100, 100) == pytest.approx(0.5, abs=1e-3)  # half outside
-    assert pp._fraction_inside(0, 0, 40, 100, 100) == pytest.approx(0.25, abs=1e-3)
+    assert _fraction_inside(50, 50, 40, 100, 100) == pytest.approx(1.0)
+    assert _fraction_inside(0, 50, 40, 100, 100) == pytest.approx(0.5, abs=1e-3)  # half outside
+    assert _fraction_inside(0, 0, 40, 100, 100) == pytest.approx(0.25, abs=1e-3)
     # circle cut by two horizontal lines at distance d = r/2 from the centre
     d = 0.5
     cap = np.arccos(d) - d * np.sqrt(1 - d * d)
-    assert pp._fraction_inside(100, 50, 100, 200, 100) == pytest.approx(1 - 2 * cap / np.pi, abs=1e-3)
+    assert _fraction_inside(100, 50, 100, 200, 100) == pytest.approx(1 - 2 * cap / np.pi, abs=1e-3)
 
 
 def test_detect_fov_survives_jpeg_dark_photo_label_and_flat_cuts():
@@ -467,16 +469,16 @@ def test_prepare_without_fov_crop_uses_centred_square_but_still_masks():
 
 
 def test_ben_graham_centres_the_fundus_on_grey_without_a_rim(retina):
-    inside = pp._disc_mask(224, 112, 112, 108)
+    inside = _disc_mask(224, 112, 112, 108)
     # a flat field comes out flat grey up to the rim: the black outside does not leak into the
     # local average (the classic recipe makes a bright ring there)
     flat = fundus_disc(600, 600, 300.0, 300.0, 280.0, texture=False, vignetting=0.0)
     out, _ = prepare(flat, PreprocessConfig(ben_graham=True))
     assert np.abs(out[inside].astype(int) - 128).max() <= 4
-    assert (out[~pp._disc_mask(224, 112, 112, 113)] == 0).all()
+    assert (out[~_disc_mask(224, 112, 112, 113)] == 0).all()
     # smooth vignetting is (nearly: a quadratic keeps 4 * sigma^2 * curvature) removed
     shaded = fundus_disc(600, 600, 300.0, 300.0, 280.0, texture=False, vignetting=0.5)
-    centre = pp._disc_mask(224, 112, 112, 90)
+    centre = _disc_mask(224, 112, 112, 90)
     plain, _ = prepare(shaded, PreprocessConfig())
     out, _ = prepare(shaded, PreprocessConfig(ben_graham=True))
     assert np.ptp(plain[centre][:, 0]) > 60
