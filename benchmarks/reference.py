@@ -48,7 +48,7 @@ def build_checkpoint(arch: str, path: Path, bank_size: int, seed: int) -> Path:
     from edgeretina.grades import NUM_GRADES, GradingConfig
     from edgeretina.preprocess import PreprocessConfig
     from edgeretina.training.backbone import BackboneConfig
-    from edgeretina.training.checkpoint import Checkpoint, FeatureBank, save_checkpoint
+    from edgeretina.training.checkpoint import Checkpoint, TrainingBank, save_checkpoint
     from edgeretina.training.model import GraderModel, ModelConfig
 
     torch.manual_seed(seed)
@@ -56,7 +56,7 @@ def build_checkpoint(arch: str, path: Path, bank_size: int, seed: int) -> Path:
     rng = np.random.default_rng(seed)
     embeddings = rng.standard_normal((bank_size, model.backbone.embed_dim)).astype(np.float32)
     embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
-    bank = FeatureBank(embeddings, rng.integers(0, NUM_GRADES, bank_size), [f"case-{i:06d}" for i in range(bank_size)])
+    bank = TrainingBank(embeddings, rng.integers(0, NUM_GRADES, bank_size), [f"case-{i:06d}" for i in range(bank_size)])
     summary = {"note": f"random weights (seed {seed}) for speed benchmarks; not a grader"}
     return save_checkpoint(path, Checkpoint(model=model, preprocess=PreprocessConfig(image_size=IMAGE_SIZE),
                                             grading=GradingConfig(), bank=bank, summary=summary))

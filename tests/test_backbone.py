@@ -1,4 +1,4 @@
-"""The open_clip backbone adapter: shapes, joint-space equivalence with open_clip, configs, errors."""
+"""The open_clip backbone: tower adapters, factory, shapes, joint-space equivalence with open_clip, errors."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 
 from edgeretina.errors import ConfigError  # noqa: E402
-from edgeretina.training.backbone import (  # noqa: E402
-    PRESET_DIR, BackboneConfig, VisionBackbone, build_backbone, preset_names, register_presets)
+from edgeretina.training.backbone import BackboneConfig, VisionBackbone  # noqa: E402
+from edgeretina.training.factory import PRESET_DIR, build_backbone, preset_names, register_presets  # noqa: E402
 
 TEXTS = ["a fundus photograph of a healthy retina", "a fundus photograph with microaneurysms"]
 slow = pytest.mark.skipif(os.environ.get("EDGERETINA_SLOW") != "1", reason="slow: set EDGERETINA_SLOW=1")
@@ -58,6 +58,11 @@ def test_config_round_trip_and_strictness():
     for bad in ({"name": ""}, {"image_size": 8}, {"image_size": True}, {"image_size": "224"}, {"pretrained": ""}):
         with pytest.raises(ConfigError):
             BackboneConfig.from_dict(bad)
+
+
+def test_unsupported_tower_is_a_config_error():
+    with pytest.raises(ConfigError, match="unsupported open_clip image tower Linear"):
+        VisionBackbone(torch.nn.Linear(4, 4))
 
 
 def test_unknown_name_lists_close_names():

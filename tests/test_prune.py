@@ -12,11 +12,14 @@ from edgeretina.export import ExportConfig, export
 from edgeretina.export import targets as targets_module
 from edgeretina.export.bank import write_bank
 from edgeretina.export.onnx_steps import check_onnx, export_onnx_fp32, ship_onnx
-from edgeretina.export.prune import (PruneConfig, apply_24_sparsity, count_macs, count_parameters, is_24_sparse,
-                                     make_prune_step, predict_outputs, prune_structure, sparsity_targets)
+from edgeretina.export.prune import PruneConfig, make_prune_step
 from edgeretina.export.reference import load_reference
+from edgeretina.preprocess import normalize
 from edgeretina.runtime.backends import create_runner
 from edgeretina.training.checkpoint import load_checkpoint
+from edgeretina.training.loop import predict, predict_normalized
+from edgeretina.training.prune import (ChannelPruning, DistillConfig, apply_24_sparsity, count_macs, count_parameters,
+                                       is_24_sparse, prune_structure, recalibrate_batchnorm, sparsity_targets)
 
 VIT_TOKENS, VIT_WIDTH, VIT_HIDDEN, VIT_LAYERS = 17, 192, 768, 6    # tiny ViT at 64 px: 4x4 patches + class
 
@@ -38,7 +41,7 @@ def test_vit_mlp_pruning_removes_the_expected_compute(tiny_checkpoint):
     x = torch.randn(2, 3, 64, 64)
     shapes = {k: v.shape for k, v in model(x).items()}
     params, macs = count_parameters(model), count_macs(model, 64)
-    prune_structure(model, PruneConfig(mlp_ratio=0.5))
+    prune_structure(model, ChannelPruning(mlp_ratio=0.5))
     kept = VIT_HIDDEN // 2
     removed = VIT_HIDDEN - kept
     assert params - count_parameters(model) == VIT_LAYERS * removed * (VIT_WIDTH + 1 + VIT_WIDTH)
@@ -55,7 +58,7 @@ def test_resnet_bottleneck_pruning_removes_the_expected_compute(tiny_rn_checkpoi
     shapes = {k: v.shape for k, v in model(x).items()}
     blocks = [(b.conv1.in_channels, b.conv1.out_channels) for b in model.modules() if isinstance(b, Bottleneck)]
     params, macs = count_parameters(model), count_macs(model, 64)
-    structure = prune_structure(model, PruneConfig(conv_ratio=0.5))
+    structure = prune_structure(model, ChannelPruning(conv_ratio=0.5))
     # conv1 (in x p), conv2 (3x3, p x p), conv3 (p x 4p), bn1 + bn2 (weight and bias)
     expected = sum(cin * (p - p // 2) + 9 * (p * p - (p // 2) ** 2) + 4 * p * (p - p // 2) + 4 * (p - p // 2)
                    for cin, p in blocks)
@@ -90,7 +93,7 @@ def _prune_export(checkpoint, out, reference, prune_config, monkeypatch, gate="f
 
 
 def _check_bundle_matches_pruned_model(bundle, model, inputs):
-    expected = predict_outputs(model, inputs)
+    expected = predict_normalized(model, inputs)
     got = create_runner("onnxruntime", bundle / "model.onnx").run(inputs)
     for name in ("ordinal_logits", "embedding", "saliency"):
         np.testing.assert_allclose(got[name], expected[name], atol=2e-4, rtol=1e-3, err_msg=name)
@@ -136,3 +139,37 @@ def test_prune_config_is_validated():
         PruneConfig(mlp_ratio=0.0)
     with pytest.raises(ConfigError):
         PruneConfig(recovery_steps=-1)
+    with pytest.raises(ConfigError):
+        PruneConfig(recovery_images=0)
+    with pytest.raises(ConfigError):
+        ChannelPruning(conv_ratio=1.5)
+    with pytest.raises(ConfigError):
+        DistillConfig(lr=0.0)
+    config = PruneConfig(mlp_ratio=0.25, recovery_steps=3, batch_size=2, lr=1e-3)
+    assert config.channels == ChannelPruning(mlp_ratio=0.25, conv_ratio=0.5)
+    assert config.distillation == DistillConfig(steps=3, batch_size=2, lr=1e-3)
+    assert set(config.to_dict()) == {"mlp_ratio", "conv_ratio", "semi_structured_24", "recovery_steps",
+                                     "recovery_images", "batch_size", "lr"}
+
+
+def test_predict_normalized_is_predict_on_normalised_inputs(tiny_checkpoint):
+    """One owner for running the model over a set: the pruning step's reference outputs are loop.predict's."""
+    ckpt = load_checkpoint(tiny_checkpoint.checkpoint)
+    size = ckpt.preprocess.image_size
+    images = np.random.default_rng(0).integers(0, 256, (5, size, size, 3), dtype=np.uint8)
+    expected = predict(ckpt.model, images, ckpt.preprocess, batch_size=2)
+    got = predict_normalized(ckpt.model, normalize(images, ckpt.preprocess), batch_size=3)
+    assert set(got) == set(expected) == set(ckpt.model.output_names)
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], atol=1e-5, rtol=1e-4, err_msg=name)
+
+
+def test_batchnorm_recalibration_skips_a_model_without_batchnorm():
+    calls = []
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    model.register_forward_hook(lambda *_: calls.append(1))
+    recalibrate_batchnorm(model, torch.zeros(6, 4), batch_size=2)
+    assert calls == []
+    with_bn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    recalibrate_batchnorm(with_bn, torch.randn(6, 3, 2, 2) + 5.0, batch_size=4)
+    assert not with_bn.training and with_bn[1].running_mean.abs().sum() > 0

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeretina.dataset import IMAGE_SUFFIXES, read_labels
+from edgeretina.dataset import read_labels
 from edgeretina.errors import ExportError
 from edgeretina.export.steps import ExportContext
-from edgeretina.preprocess import PreprocessConfig, decode_image, normalize, prepare
+from edgeretina.preprocess import PreprocessConfig, decode_image, list_images, normalize, prepare
 from edgeretina.training.checkpoint import load_checkpoint
-from edgeretina.training.loop import predict
+from edgeretina.training.loop import predict_normalized
 
 # Phantom seeds far from the ones `edgeretina synth` and the demo use, so the sets are held out.
 REFERENCE_SEED_BASE = 10_000_019
@@ -30,7 +30,8 @@ def load_reference(ctx: ExportContext) -> None:
     ctx.reference_truth = reference_grades(ctx.config.reference_images, ctx.config.reference_count)
     ctx.reference_prepared = prepared
     ctx.reference_inputs = normalize(prepared, ckpt.preprocess)
-    ctx.reference_outputs = predict(ckpt.model, prepared, ckpt.preprocess, batch_size=16)
+    # torch sees the very tensors the exported graph will be given: one normaliser feeds both sides of the gate
+    ctx.reference_outputs = predict_normalized(ckpt.model, ctx.reference_inputs, batch_size=16)
     ctx.reference_source = source
 
 
@@ -72,5 +73,5 @@ def _image_paths(source: Path) -> list[Path]:
     if source.is_file() and source.suffix == ".csv":
         return [item.path for item in read_labels(source)]
     if source.is_dir():
-        return sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        return list_images(source)
     raise ExportError(f"image set must be a labels.csv or a folder: {source}")

@@ -25,8 +25,9 @@ FORMAT_VERSION = 1
 
 
 @dataclass
-class FeatureBank:
-    """Embeddings of the training cases (L2-normalised) with their grades and ids: the KNN bank."""
+class TrainingBank:
+    """Embeddings of the training cases (L2-normalised) with their grades and ids, as the checkpoint keeps
+    them: what export writes to bank.npz (edgeretina/bank_storage.py) for the runtime's KNN FeatureBank."""
 
     embeddings: np.ndarray      # float32 [N, D]
     grades: np.ndarray          # int64 [N]
@@ -37,7 +38,7 @@ class FeatureBank:
                 "grades": torch.from_numpy(self.grades.astype(np.int64)), "case_ids": list(self.case_ids)}
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> "FeatureBank":
+    def from_state(cls, state: dict[str, Any]) -> "TrainingBank":
         return cls(embeddings=state["embeddings"].float().numpy(), grades=state["grades"].numpy(),
                    case_ids=list(state["case_ids"]))
 
@@ -47,7 +48,7 @@ class Checkpoint:
     model: GraderModel
     preprocess: PreprocessConfig
     grading: GradingConfig
-    bank: FeatureBank | None
+    bank: TrainingBank | None
     summary: dict[str, Any] = field(default_factory=dict)   # training data, schedule, metrics, timings
 
     @property
@@ -91,7 +92,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit the recorded architecture: {exc}") from None
     model.eval()
-    bank = FeatureBank.from_state(payload["bank"]) if payload.get("bank") else None
+    bank = TrainingBank.from_state(payload["bank"]) if payload.get("bank") else None
     return Checkpoint(model=model, preprocess=PreprocessConfig.from_dict(payload["preprocess"]),
                       grading=GradingConfig.from_dict(payload["grading"]), bank=bank,
                       summary=payload.get("summary", {}))

@@ -21,7 +21,7 @@ import torch
 from edgeretina.dataset import LabeledImage
 from edgeretina.errors import DatasetError, EdgeRetinaError
 from edgeretina.grades import LESION_CODES
-from edgeretina.preprocess import PreprocessConfig, decode_image, grid_presence, prepare
+from edgeretina.preprocess import PreprocessConfig, decode_image, grid_presence, normalize, prepare
 
 
 @dataclass
@@ -110,11 +110,9 @@ def sequential_batches(n: int, batch_size: int) -> Iterator[np.ndarray]:
 
 
 def to_model_input(images_u8: np.ndarray, config: PreprocessConfig) -> torch.Tensor:
-    """uint8 [B, S, S, 3] -> normalised float32 [B, 3, S, S], identical to preprocess.normalize."""
-    x = torch.from_numpy(images_u8).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(config.mean).view(1, 3, 1, 1)
-    std = torch.tensor(config.std).view(1, 3, 1, 1)
-    return (x - mean) / std
+    """uint8 [B, S, S, 3] -> normalised float32 [B, 3, S, S]: preprocess.normalize itself, so training,
+    the export gate's torch reference and the device runtime normalise with one function."""
+    return torch.from_numpy(normalize(np.ascontiguousarray(images_u8), config))
 
 
 def augment(images_u8: np.ndarray, rng: np.random.Generator,

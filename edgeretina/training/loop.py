@@ -20,7 +20,7 @@ from edgeretina.metrics import grading_report
 from edgeretina.preprocess import PreprocessConfig
 from edgeretina.grades import ordinal_grades
 from edgeretina.training.calibration import calibrate
-from edgeretina.training.checkpoint import Checkpoint, FeatureBank, save_checkpoint
+from edgeretina.training.checkpoint import Checkpoint, TrainingBank, save_checkpoint
 from edgeretina.training.data import (PreparedSet, augment, balanced_batches, prepare_images, sequential_batches,
                                       steps_per_epoch, to_model_input)
 from edgeretina.training.losses import LossWeights, grader_loss
@@ -128,7 +128,7 @@ def train(config: TrainConfig, log: Logger = _stderr, show_progress: bool = True
     val_metrics = grading_report(val_set.grades, ordinal_grades(val_out["ordinal_logits"], grading.thresholds))
     log(f"validation after calibration: QWK {val_metrics['qwk']:.4f}, thresholds "
         f"{[round(t, 2) for t in grading.thresholds]}, temperature {grading.temperature:.3f}")
-    bank = build_feature_bank(model, train_set, preprocess, config.batch_size)
+    bank = build_training_bank(model, train_set, preprocess, config.batch_size)
     summary = {
         "train": {"labels": str(config.labels), "n": len(train_set.grades),
                   "grade_counts": np.bincount(train_set.grades, minlength=5).tolist(),
@@ -246,24 +246,35 @@ def _progress(iterable, total: int, label: str, enabled: bool):
     return tqdm(iterable, total=total, desc=label, leave=False, file=sys.stderr)
 
 
-@torch.no_grad()
 def predict(model: GraderModel, images_u8: np.ndarray, preprocess: PreprocessConfig,
             batch_size: int = 64) -> dict[str, np.ndarray]:
     """Run the model in eval mode over prepared uint8 images; returns the exported outputs as numpy."""
+    return _predict_batches(model, len(images_u8), batch_size,
+                            lambda idx: to_model_input(images_u8[idx], preprocess))
+
+
+def predict_normalized(model: GraderModel, inputs: np.ndarray, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """`predict` over inputs already normalised as the exported graph takes them (float32 [N, 3, H, W])."""
+    return _predict_batches(model, len(inputs), batch_size, lambda idx: torch.from_numpy(inputs[idx]).float())
+
+
+@torch.no_grad()
+def _predict_batches(model: GraderModel, count: int, batch_size: int,
+                     batch_input: Callable[[np.ndarray], torch.Tensor]) -> dict[str, np.ndarray]:
     model.eval()
     chunks: dict[str, list[np.ndarray]] = {}
-    for idx in sequential_batches(len(images_u8), batch_size):
-        out = model(_like_model(to_model_input(images_u8[idx], preprocess), model))
+    for idx in sequential_batches(count, batch_size):
+        out = model(_like_model(batch_input(idx), model))
         for name in model.output_names:
             chunks.setdefault(name, []).append(out[name].float().numpy())
     return {name: np.concatenate(parts) for name, parts in chunks.items()}
 
 
-def build_feature_bank(model: GraderModel, data: PreparedSet, preprocess: PreprocessConfig,
-                       batch_size: int = 64) -> FeatureBank:
+def build_training_bank(model: GraderModel, data: PreparedSet, preprocess: PreprocessConfig,
+                        batch_size: int = 64) -> TrainingBank:
     embeddings = predict(model, data.images, preprocess, batch_size)["embedding"]
-    return FeatureBank(embeddings=embeddings.astype(np.float32), grades=data.grades.copy(),
-                       case_ids=list(data.case_ids))
+    return TrainingBank(embeddings=embeddings.astype(np.float32), grades=data.grades.copy(),
+                        case_ids=list(data.case_ids))
 
 
 def _scalars(report: dict) -> dict:

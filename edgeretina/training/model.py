@@ -21,7 +21,8 @@ from torch import nn
 
 from edgeretina.errors import ConfigError
 from edgeretina.grades import LESION_CODES, NUM_GRADES, grade_texts, lesion_texts
-from edgeretina.training.backbone import BackboneConfig, build_backbone
+from edgeretina.training.backbone import BackboneConfig
+from edgeretina.training.factory import build_backbone
 
 OUTPUT_NAMES = ("ordinal_logits", "prototype_logits", "embedding", "saliency")
 LESION_OUTPUT = "lesion_logits"

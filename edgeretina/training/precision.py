@@ -13,9 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edgeretina.cpu import has_native_bf16
+from edgeretina.choices import TRAINING_PRECISIONS
 from edgeretina.errors import ConfigError
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = TRAINING_PRECISIONS
 
 
 @dataclass(frozen=True)
