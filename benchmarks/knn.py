@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 
 from edgeretina.atomic import write_text_atomic  # noqa: E402
 from edgeretina.bank_storage import stored_embeddings  # noqa: E402
-from edgeretina.runtime.bench import machine_info  # noqa: E402
+from edgeretina.bench import machine_info  # noqa: E402
 from edgeretina.runtime.knn import FeatureBank  # noqa: E402
 
 

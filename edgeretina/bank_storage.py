@@ -36,9 +36,16 @@ def stored_embeddings(embeddings: np.ndarray, dtype: str) -> dict[str, np.ndarra
     raise ConfigError(f"bank dtype must be one of {', '.join(BANK_DTYPES)}, not {dtype!r}")
 
 
+def dequantize_rows(codes: np.ndarray, scales: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """float32 rows of an int8 bank: codes * scale + offset (any subset of rows, with their scales)."""
+    rows = codes.astype(np.float32)
+    rows *= np.asarray(scales, dtype=np.float32)[:, None]
+    rows += np.asarray(offset, dtype=np.float32)
+    return rows
+
+
 def dequantized(stored: dict[str, np.ndarray]) -> np.ndarray:
     """float32 embeddings as the runtime searches them."""
-    embeddings = stored["embeddings"].astype(np.float32)
     if "scales" in stored:
-        embeddings = embeddings * stored["scales"][:, None] + stored["offset"][None, :]
-    return embeddings
+        return dequantize_rows(stored["embeddings"], stored["scales"], stored["offset"])
+    return stored["embeddings"].astype(np.float32)

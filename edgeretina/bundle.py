@@ -16,11 +16,13 @@ import atexit
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Callable
 
 from edgeretina import __version__
 from edgeretina.atomic import write_json_atomic
-from edgeretina.errors import BundleError
+from edgeretina.errors import BundleError, ConfigError
+from edgeretina.grades import GradingConfig
+from edgeretina.preprocess import PreprocessConfig
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -70,7 +72,25 @@ class Manifest:
         except TypeError as exc:
             raise BundleError(f"malformed artifact entry in manifest: {exc}") from None
         known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known and k != "artifacts"}, artifacts=artifacts)
+        manifest = cls(**{k: v for k, v in data.items() if k in known and k != "artifacts"}, artifacts=artifacts)
+        manifest.check_sections()
+        return manifest
+
+    def check_sections(self) -> None:
+        """Parse the typed sections once: a malformed one fails at load, as one BundleError."""
+        _ = self.grading_config, self.preprocess_config
+
+    @property
+    def grading_config(self) -> GradingConfig:
+        return _parse_section("grading", GradingConfig.from_dict, self.grading)
+
+    @property
+    def preprocess_config(self) -> PreprocessConfig:
+        model = self.model if isinstance(self.model, dict) else {}
+        if "preprocess" not in model:
+            raise BundleError("manifest section model.preprocess is missing: the bundle does not say how to "
+                              "prepare images for its model")
+        return _parse_section("model.preprocess", PreprocessConfig.from_dict, model["preprocess"])
 
     def artifact(self, role: str, *, fmt: str | None = None) -> Artifact:
         for art in self.artifacts:
@@ -80,6 +100,18 @@ class Manifest:
 
     def artifacts_with_role(self, role: str) -> list[Artifact]:
         return [a for a in self.artifacts if a.role == role]
+
+
+def _parse_section(name: str, parse: Callable[[Any], Any], data: Any):
+    """The typed config of one manifest section; whatever is wrong with it is one BundleError."""
+    if not isinstance(data, dict):
+        raise BundleError(f"manifest section {name} must be an object, not {type(data).__name__}")
+    try:
+        return parse(data)
+    except KeyError as exc:
+        raise BundleError(f"manifest section {name} is missing {exc}") from None
+    except (ValueError, TypeError, ConfigError) as exc:
+        raise BundleError(f"manifest section {name} is malformed: {exc}") from None
 
 
 @dataclass
@@ -139,12 +171,14 @@ def load_bundle(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
 
 
 def verify_bundle(bundle: Bundle) -> None:
-    problems = [p for art in bundle.manifest.artifacts if (p := _artifact_problem(bundle.root, art))]
+    problems = [p for art in bundle.manifest.artifacts if (p := artifact_problem(bundle.root, art))]
     if problems:
         raise BundleError("bundle verification failed: " + "; ".join(problems))
 
 
-def _artifact_problem(root: Path, art: Artifact) -> str | None:
+def artifact_problem(root: Path, art: Artifact) -> str | None:
+    """What is wrong with one artifact on disk (name outside the bundle, missing, resized, sha256
+    mismatch), or None: the one wording of these problems for load_bundle and `edgeretina info`."""
     try:
         path = root / _safe_name(art.file)
     except BundleError as exc:

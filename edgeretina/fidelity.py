@@ -8,11 +8,13 @@ the export recorded.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
 from edgeretina.grades import GradingConfig, ordinal_grades
 from edgeretina.metrics import quadratic_weighted_kappa
+from edgeretina.text_tables import table_lines
 
 # Bank rows whose similarity to a query differs by less than this are ties for the KNN overlap: the
 # tiny test model's bank is so tightly clustered (mean pairwise cosine 0.997) that its top-10 neighbours
@@ -50,10 +52,18 @@ class Check:
     def passed(self) -> bool:
         return self.value >= self.threshold if self.higher_is_better else self.value <= self.threshold
 
-    def line(self) -> str:
-        mark = "✓" if self.passed else "✗"
-        op = "≥" if self.higher_is_better else "≤"
-        return f"{mark} {self.name:<22} {self.value:>9.5f}  (needs {op} {self.threshold})"
+    @property
+    def requirement(self) -> str:
+        return f"{'≥' if self.higher_is_better else '≤'} {self.threshold}"
+
+    def failure(self) -> str:
+        return f"{self.name} = {self.value:.5f} (needs {self.requirement})"
+
+
+def checks_table(checks: Sequence[Check]) -> list[str]:
+    """The gate's table, one line per check: the export log and `edgeretina verify` print the same one."""
+    return table_lines([(f"{'✓' if c.passed else '✗'} {c.name}", f"{c.value:.5f}", f"(needs {c.requirement})")
+                        for c in checks], ("left", "right", "left"))
 
 
 def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], grading: GradingConfig,

@@ -126,7 +126,7 @@ class TestTensorRt(BackendContract):
     @classmethod
     def bundle(cls, tiny_checkpoint, phantom_test, tmp_path_factory):
         from edgeretina.export import ExportConfig, export
-        from edgeretina.runtime.backends.tensorrt import build_engine
+        from edgeretina.runtime.backends.tensorrt_build import build_engine
 
         out = tmp_path_factory.mktemp("bundles") / "tiny-jetson"
         root = export(ExportConfig(checkpoint=tiny_checkpoint.checkpoint, out=out, target="jetson",
@@ -212,7 +212,95 @@ def test_cli_backend_device_threads_options(onnx_bundle, phantom_test):
     ok = cli("--backend", "onnxruntime", "--device", "cpu", "--threads", "1", "--json")
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)[0]["error"] is None
-    for args, message in ((("--device", "tpu"), "unknown device 'tpu'"), (("--backend", "coreml"), "unknown backend")):
-        bad = cli(*args)
-        assert bad.returncode == 1 and bad.stdout == ""
-        assert bad.stderr.strip().count("\n") == 0 and message in bad.stderr, bad.stderr
+    bad = cli("--device", "tpu")
+    assert bad.returncode == 1 and bad.stdout == ""
+    assert bad.stderr.strip().count("\n") == 0 and "unknown device 'tpu'" in bad.stderr, bad.stderr
+    # --backend has a fixed set of values: a typo is a usage error (exit 2) that lists the choices
+    typo = cli("--backend", "coreml")
+    assert typo.returncode == 2 and typo.stdout == "" and "Traceback" not in typo.stderr
+    assert "'coreml' is not one of 'onnxruntime'" in typo.stderr, typo.stderr
+
+
+# ---- which backend, which artifact (runtime/backends/selection.py) -----------------------------------------
+
+def _manifest(*formats: str):
+    from edgeretina.bundle import Artifact, Manifest
+
+    files = {"onnx": "model.onnx", "tensorrt-plan": "model.plan", "openvino-ir": "model.xml"}
+    artifacts = [Artifact(file=files[f], format=f, role="model", precision="fp16", target="t", sha256="0", bytes=1)
+                 for f in formats]
+    return Manifest(model={}, outputs={}, grading={}, saliency={}, artifacts=artifacts, export={})
+
+
+def test_a_jetson_bundle_with_a_plan_grades_on_tensorrt_where_tensorrt_is_installed():
+    from edgeretina.runtime.backends import pick_backend, rank_backends
+
+    jetson = _manifest("onnx", "tensorrt-plan")            # after build-engine: the ONNX graph and the plan
+    assert pick_backend(jetson, installed={"onnxruntime", "openvino", "tensorrt"}) == "tensorrt"
+    assert pick_backend(jetson, installed={"onnxruntime"}) == "onnxruntime"
+    assert rank_backends({"onnx", "tensorrt-plan"}, {"onnxruntime", "tensorrt"}) == ["tensorrt", "onnxruntime", "openvino"]
+
+
+def test_the_pick_keeps_onnxruntime_for_onnx_and_openvino_for_ir():
+    from edgeretina.runtime.backends import pick_backend
+
+    everything = {"onnxruntime", "openvino", "tensorrt"}
+    assert pick_backend(_manifest("onnx"), installed=everything) == "onnxruntime"
+    assert pick_backend(_manifest("onnx", "openvino-ir"), installed=everything) == "openvino"
+    assert pick_backend(_manifest("onnx"), installed={"openvino"}) == "openvino"
+
+
+def test_a_format_nothing_installed_runs_picks_the_backend_that_names_its_extra():
+    from edgeretina.runtime.backends import pick_backend
+
+    assert pick_backend(_manifest("tensorrt-plan"), installed={"onnxruntime"}) == "tensorrt"
+    with pytest.raises(BackendError, match="no backend runs this bundle's model formats"):
+        pick_backend(_manifest())
+
+
+def test_installed_backends_are_what_imports_here_not_the_registry():
+    from edgeretina.runtime.backends import installed_backends, registered_backends
+
+    assert registered_backends() == ["onnxruntime", "tensorrt", "openvino"]
+    installed = installed_backends()
+    assert "onnxruntime" in installed
+    assert ("tensorrt" in installed) == _installed("tensorrt")
+    assert ("openvino" in installed) == _installed("openvino")
+
+
+def test_model_artifact_takes_the_format_the_backend_prefers():
+    from edgeretina.runtime.backends import model_artifact
+
+    both = _manifest("onnx", "openvino-ir")                 # the manifest lists the ONNX graph first
+    assert model_artifact(both, "openvino").format == "openvino-ir"
+    assert model_artifact(both, "onnxruntime").format == "onnx"
+    with pytest.raises(BackendError, match=r"backend tensorrt cannot run this bundle \(it runs tensorrt-plan; "
+                                           r"the bundle has onnx, openvino-ir\)"):
+        model_artifact(both, "tensorrt")
+
+
+# ---- the TensorRT engine: built and checked through the one CLI ---------------------------------------------
+
+def test_tensorrt_build_and_runner_modules_load_without_tensorrt():
+    import subprocess
+    import sys
+
+    code = ("import sys, edgeretina.runtime.backends.tensorrt, edgeretina.runtime.backends.tensorrt_build; "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+@pytest.mark.skipif(_installed("tensorrt"), reason="tensorrt is installed here")
+def test_build_script_check_command_names_the_jetson_extra(tmp_path):
+    """build_engine.sh checks its plan with `edgeretina check-engine`: without tensorrt, one line naming the extra."""
+    import subprocess
+    import sys
+
+    script = (Path(__file__).resolve().parents[1] / "edgeretina" / "export" / "templates" / "build_engine.sh").read_text()
+    assert "from edgeretina.cli import main; main()' check-engine model.plan" in script
+    done = subprocess.run([sys.executable, "-c", "from edgeretina.cli import main; main()", "check-engine",
+                           str(tmp_path / "model.plan"), str(tmp_path / "in.npy"), str(tmp_path / "out.npz"),
+                           "--write-info", str(tmp_path / "engine.json")], capture_output=True, text=True)
+    assert done.returncode == 1 and done.stdout == ""
+    assert "pip install 'edgeretina[jetson]'" in done.stderr and done.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "engine.json").exists()

@@ -14,7 +14,7 @@ import cv2
 import pytest
 
 from edgeretina.errors import ConfigError
-from edgeretina.runtime.bench import BenchConfig, fidelity_vs_reference, format_table, run_bench, write_results
+from edgeretina.bench import BenchConfig, fidelity_vs_reference, format_table, run_bench, write_results
 
 REQUIRED = ("bundle", "backend", "precision", "threads", "batch", "size_mb", "p50_ms", "p90_ms", "p99_ms",
             "throughput_ips", "peak_rss_mb", "speedup_vs_reference", "agreement", "cosine")
@@ -66,6 +66,7 @@ def test_a_backend_that_cannot_run_is_a_skipped_row_with_the_reason(bench_result
 
 
 def test_json_and_png_are_written(bench_result, tmp_path):
+    pytest.importorskip("matplotlib", reason="the plot is the optional `plot` extra")
     json_path, png_path = write_results(bench_result, tmp_path / "out")
     data = json.loads(json_path.read_text())
     assert data["rows"] == bench_result.rows
@@ -115,6 +116,72 @@ def test_cli_json_rows(onnx_bundle, phantom_test):
 
 
 def test_bench_modules_leave_torch_out():
-    code = ("import sys, edgeretina.runtime.bench, edgeretina.runtime.bench_worker; "
+    code = ("import sys, edgeretina.bench, edgeretina.bench.worker; "
             "heavy = [m for m in ('torch', 'onnx', 'open_clip') if m in sys.modules]; sys.exit(1 if heavy else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_an_images_folder_is_searched_with_its_subfolders(phantom_test, tmp_path):
+    from edgeretina.bench.images import resolve_images
+
+    from edgeretina.dataset import read_labels
+
+    photos = [Path(item.path) for item in read_labels(phantom_test)]
+    folder = tmp_path / "camera"
+    (folder / "2024" / "left").mkdir(parents=True)
+    shutil.copy(photos[0], folder / photos[0].name)
+    shutil.copy(photos[1], folder / "2024" / "left" / photos[1].name)
+    (folder / "2024" / "notes.txt").write_text("not a photo")
+    found = resolve_images(folder, tmp_path, count=0, size=0)
+    assert found == [folder / "2024" / "left" / photos[1].name, folder / photos[0].name]
+
+
+def _hand_made_result():
+    from edgeretina.bench import BenchResult
+
+    row = {"bundle": "tiny", "path": "/b/tiny", "backend": "onnxruntime", "threads": 1, "batch": 1,
+           "precision": "fp32", "scheme": "fp32", "compute_precision": None, "knn_scorer": "numpy-float32",
+           "size_mb": 1.5, "load_s": 0.2, "cold_ms": 12.0, "p50_ms": 3.0, "p90_ms": 3.5, "p99_ms": 4.0,
+           "p50_with_overlay_ms": 3.6, "runs": 6, "throughput_ips": 330.0, "peak_rss_mb": 120.0,
+           "stages_ms": {"decode": 1.0, "inference": 1.5}}
+    skipped = {"bundle": "tiny", "path": "/b/tiny", "backend": "tensorrt", "threads": 1, "batch": 1,
+               "skipped": "backend tensorrt cannot run this bundle [it runs tensorrt-plan]"}
+    machine = {"cpu": "Test CPU", "cores": 2, "cpu_flags": ["avx2"], "libraries": {"numpy": "2.0"}}
+    return BenchResult(rows=[row, skipped], machine=machine, config={})
+
+
+def test_the_table_is_one_line_per_row_with_every_column():
+    lines = format_table(_hand_made_result()).splitlines()
+    header = next(line for line in lines if "p50 ms" in line)
+    assert all(title in header for title in ("bundle", "prec", "MB", "p99 ms", "img/s", "RSS MB", "1-QWK", "cosine"))
+    row = next(line for line in lines if line.lstrip().startswith("tiny "))
+    assert "3.00" in row and "330.0" in row and row.rstrip().endswith("-")     # no reference: fidelity columns "-"
+    assert any("tiny/onnxruntime t1 b1" in line and "numpy-float32" in line for line in lines)   # stage medians
+    assert "skipped tiny/tensorrt t1 b1: backend tensorrt cannot run this bundle [it runs tensorrt-plan]" in lines
+    assert lines[-1].startswith("machine: Test CPU, 2 cores, flags avx2")
+
+
+def test_without_matplotlib_the_plot_is_skipped_and_bench_json_still_written(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)            # import matplotlib -> ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    said = []
+    json_path, png_path = write_results(_hand_made_result(), tmp_path / "out", log=said.append)
+    assert png_path is None and not (tmp_path / "out" / "bench.png").exists()
+    assert json.loads(json_path.read_text())["rows"][0]["p50_ms"] == 3.0
+    assert said == ["plot skipped: matplotlib is not installed (needed for the latency vs fidelity plot): "
+                    "pip install 'edgeretina[plot]'"]
+
+
+def test_the_worker_fidelity_is_the_graders_own_pipeline(onnx_bundle, phantom_test):
+    import numpy as np
+
+    from edgeretina.dataset import read_labels
+    from edgeretina.runtime import Grader
+
+    paths = [str(item.path) for item in read_labels(phantom_test)]
+    grader = Grader(onnx_bundle, threads=1)
+    files, grades, embeddings = grader.grades_and_embeddings(paths + ["/no/such/photo.jpg"], batch_size=3)
+    records = [r for r in grader.grade(paths) if r.gradable]
+    assert files == [r.file for r in records] and grades == [r.grade for r in records]
+    assert embeddings.dtype == np.float32 and embeddings.shape[0] == len(files)
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-3)

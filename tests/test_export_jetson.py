@@ -199,7 +199,7 @@ def test_build_script_fails_cleanly_without_trtexec(fp16_bundle, tmp_path):
 
 @pytest.mark.skipif(HAS_TENSORRT, reason="tensorrt is installed here")
 def test_build_engine_without_tensorrt_names_the_jetson_extra(fp16_bundle):
-    from edgeretina.runtime.backends.tensorrt import build_engine
+    from edgeretina.runtime.backends.tensorrt_build import build_engine
 
     with pytest.raises(MissingDependencyError) as info:
         build_engine(fp16_bundle)
@@ -221,7 +221,7 @@ def test_engine_compatibility_refuses_other_versions_and_devices():
 @pytest.mark.tensorrt
 @pytest.mark.skipif(not HAS_TENSORRT, reason="needs tensorrt and an NVIDIA GPU")
 def test_build_engine_on_gpu_matches_torch(fp16_bundle, tmp_path):
-    from edgeretina.runtime.backends.tensorrt import build_engine
+    from edgeretina.runtime.backends.tensorrt_build import build_engine
 
     copy = shutil.copytree(fp16_bundle, tmp_path / "bundle")
     plan = build_engine(copy, log=lambda _: None)

@@ -7,6 +7,7 @@ import pytest
 from edgeretina.bundle import (MANIFEST_NAME, Manifest, describe_artifact, load_bundle, save_manifest, zip_bundle)
 from edgeretina.errors import BundleError
 from edgeretina.grades import GRADES, LESION_CODES, GradingConfig, grade_texts, is_referable
+from edgeretina.preprocess import PreprocessConfig
 
 
 def test_icdr_scale_and_referable_rule():
@@ -33,7 +34,8 @@ def _make_bundle(root):
     np.savez(root / "bank.npz", embeddings=np.zeros((2, 4), np.float16))
     artifacts = [describe_artifact(root, "model.onnx", fmt="onnx", role="model", precision="fp32", target="onnx"),
                  describe_artifact(root, "bank.npz", fmt="npz", role="bank", precision="fp16", target="onnx")]
-    manifest = Manifest(model={"input_size": 224}, outputs={}, grading=GradingConfig().to_dict(), saliency={},
+    manifest = Manifest(model={"input_size": 224, "preprocess": PreprocessConfig().to_dict()}, outputs={},
+                        grading=GradingConfig().to_dict(), saliency={},
                         artifacts=artifacts, export={"target": "onnx"}, bank={"file": "bank.npz"})
     save_manifest(root, manifest)
     return root
@@ -72,6 +74,13 @@ def test_missing_artifact_is_refused(tmp_path):
     (lambda m: m.update(schema_version=99), "schema_version 99"),
     (lambda m: m.pop("grading"), "missing grading"),
     (lambda m: m["artifacts"][0].update(file="../outside.onnx"), "outside the bundle"),
+    # every section parses into its typed config at load: one BundleError with the reason, no KeyError
+    (lambda m: m["grading"].pop("thresholds"), "section grading is missing 'thresholds'"),
+    (lambda m: m["grading"].update(temperature=-1), "section grading is malformed: temperature must be positive"),
+    (lambda m: m["grading"].update(thresholds="high"), "section grading is malformed"),
+    (lambda m: m.update(grading=[0.1, 0.2]), "section grading must be an object, not list"),
+    (lambda m: m["model"]["preprocess"].update(crop="maybe"), "section model.preprocess is malformed: unknown"),
+    (lambda m: m["model"].pop("preprocess"), "section model.preprocess is missing"),
 ])
 def test_bad_manifest_is_refused(tmp_path, change, message):
     root = _make_bundle(tmp_path / "b")

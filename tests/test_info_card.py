@@ -58,6 +58,34 @@ def test_info_exits_1_on_a_tampered_bundle(onnx_bundle, tmp_path):
     assert "✗ bank.npz" in result.stdout and "sha256 mismatch" in result.stderr
 
 
+def test_info_and_load_report_an_artifact_problem_in_the_same_words(onnx_bundle, tmp_path):
+    """One owner of the artifact checks (bundle.artifact_problem): a Windows-style escape is caught by both."""
+    from edgeretina.bundle import load_bundle
+    from edgeretina.errors import BundleError
+
+    bundle = Path(shutil.copytree(onnx_bundle, tmp_path / "escape"))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["artifacts"].append({**manifest["artifacts"][0], "file": "sub\\..\\..\\outside.onnx", "role": "extra"})
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    info = inspect_bundle(bundle)
+    assert info.problems == ["artifact name 'sub\\\\..\\\\..\\\\outside.onnx' points outside the bundle"]
+    with pytest.raises(BundleError) as raised:
+        load_bundle(bundle)
+    assert info.problems[0] in str(raised.value)
+
+
+def test_info_says_a_plan_needs_tensorrt_installed(onnx_bundle, tmp_path):
+    import importlib.util
+
+    bundle = Path(shutil.copytree(onnx_bundle, tmp_path / "with-plan"))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["artifacts"].append({**manifest["artifacts"][0], "file": "model.plan", "format": "tensorrt-plan"})
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    backends = inspect_bundle(bundle).backends
+    assert backends["onnxruntime"] == "runs it"
+    assert backends["tensorrt"] == ("runs it" if importlib.util.find_spec("tensorrt") else "not installed")
+
+
 def test_info_refuses_an_unknown_schema(onnx_bundle, tmp_path):
     bundle = Path(shutil.copytree(onnx_bundle, tmp_path / "future"))
     manifest = json.loads((bundle / "manifest.json").read_text())

@@ -131,6 +131,20 @@ def test_cli_error_is_one_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_cli_refuses_a_malformed_manifest_section_in_one_line(onnx_bundle, bad_files, tmp_path):
+    """A grading section without its thresholds is a bundle error at load, not a KeyError traceback."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(onnx_bundle, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    del manifest["grading"]["thresholds"]
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    result = _cli("grade", bad_files[0], "--bundle", broken)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: manifest section grading is missing 'thresholds'"
+
+
 def test_records_carry_a_knn_vote(grader, phantom_test):
     record = grader.grade([read_labels(phantom_test)[0].path])[0]
     votes = {}
@@ -149,3 +163,28 @@ def test_lesion_presence_is_the_sigmoid_of_the_strongest_patch():
     assert [entry["code"] for entry in lesions] == ["MA", "HE", "EX", "CWS", "NV", "PRH"]
     assert lesions[2]["probability"] == pytest.approx(1 / (1 + np.exp(-3.0)), abs=1e-4)
     assert all(entry["probability"] < 0.01 for i, entry in enumerate(lesions) if i != 2)
+
+
+def test_grade_and_watch_render_a_record_the_same_way(grader, bad_files):
+    from edgeretina.runtime.report import format_table, one_line, summary_cells
+
+    good, bad = bad_files
+    records = grader.grade([good, bad[0]])
+    table = format_table(records).splitlines()
+    assert table[0].split() == ["file", "result", "grade", "P(referable)"]
+    for record, row in zip(records, table[1:]):
+        cells = summary_cells(record.to_dict())
+        assert all(cell.split()[0] in row for cell in cells if cell)       # the table shows the same cells
+        assert one_line("cam/x.jpg", record.to_dict()).startswith(f"cam/x.jpg: {cells[0]}")
+    assert summary_cells(records[1].to_dict())[0] == "error"
+
+
+def test_a_picture_that_cannot_be_written_keeps_the_grade(grader, bad_files, tmp_path):
+    from edgeretina.runtime.batch import grade_paths
+
+    blocked = tmp_path / "overlays"
+    blocked.write_text("a file where the overlay folder should be")
+    records = grade_paths(grader, [bad_files[0]], overlays=blocked, cards=tmp_path / "cards")
+    assert records[0].grade is not None and records[0].overlay is None
+    assert records[0].error.startswith("graded, but the overlay could not be written")
+    assert len(list((tmp_path / "cards").glob("*_card.png"))) == 1       # the card is still written

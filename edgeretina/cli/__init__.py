@@ -35,6 +35,12 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     pass
 
 
+def _is_usage_error(exc: Exception) -> bool:
+    """click's ClickException, whichever click raised it: typer >= 0.2x vendors its own copy (typer._click),
+    which is not the `click` package's class, so an isinstance check on one of them misses the other."""
+    return any(cls.__name__ == "ClickException" for cls in type(exc).__mro__) and hasattr(exc, "show")
+
+
 def main() -> None:
     _register()
     try:
@@ -48,9 +54,8 @@ def main() -> None:
     except typer.Abort:
         typer.secho("aborted", err=True)
         sys.exit(130)
-    except Exception as exc:  # click's usage errors arrive here in non-standalone mode
-        import click
-        if isinstance(exc, click.ClickException):
+    except Exception as exc:  # usage errors arrive here in non-standalone mode
+        if _is_usage_error(exc):
             exc.show()
             sys.exit(exc.exit_code)
         raise

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional, Sequence
 
 import typer
+
+from edgeretina.bank_storage import BANK_DTYPES
+from edgeretina.choices import EXPORT_PRECISIONS, EXPORT_TARGETS, GATE_MODES, TARGET_PRECISIONS, TRAINING_PRECISIONS
+from edgeretina.runtime.backends import registered_backends
 
 BundleOption = Annotated[Path, typer.Option("--bundle", "-b", help="Exported bundle directory or .zip.")]
 ThreadsOption = Annotated[Optional[int], typer.Option("--threads", min=1, help="Inference threads (default: all cores).")]
@@ -26,3 +31,25 @@ VerifyOption = Annotated[bool, typer.Option(
 def verify_setting(verify: bool) -> str:
     """What a command passes on as ``verify=``."""
     return "cached" if verify else "off"
+
+
+
+def choice_enum(name: str, values: Sequence[str]) -> type[Enum]:
+    """An Enum typer shows and checks as a fixed set of choices (`--help` lists them; a typo fails at
+    parse time). Commands pass `.value` on."""
+    return Enum(name, [(value, value) for value in values], type=str)
+
+
+def enum_value(member: Enum | None) -> str | None:
+    return None if member is None else member.value
+
+
+ExportTarget = choice_enum("ExportTarget", EXPORT_TARGETS)
+ExportPrecision = choice_enum("ExportPrecision", EXPORT_PRECISIONS)
+GateMode = choice_enum("GateMode", GATE_MODES)
+BankDtype = choice_enum("BankDtype", BANK_DTYPES)
+TrainingPrecision = choice_enum("TrainingPrecision", TRAINING_PRECISIONS)
+Backend = choice_enum("Backend", registered_backends())
+EnginePrecision = choice_enum("EnginePrecision", TARGET_PRECISIONS["jetson"])
+ComputeThreadsOption = Annotated[Optional[int], typer.Option(
+    "--threads", min=1, help="CPU threads for training and the held-out grading (default: all cores).")]

@@ -1,3 +1,5 @@
+"""`edgeretina bench`: parse the lists of bundles, backends, threads and batches; run; print the table."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +12,7 @@ from edgeretina.cli import app
 from edgeretina.errors import ConfigError
 
 
-@app.command()
+@app.command(epilog="Example: edgeretina bench bundle-cpu bundle-openvino --reference bundle-onnx --threads 1 --out bench-out")
 def bench(
     bundles: Annotated[list[Path], typer.Argument(help="Exported bundle directories (or .zip) to measure.")],
     reference: Annotated[Optional[Path], typer.Option("--reference", help="Bundle to compare against (normally the FP32 ONNX export); measured in the same run.")] = None,
@@ -25,15 +27,19 @@ def bench(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for bench.json and bench.png.")] = None,
 ) -> None:
     """Latency, throughput, memory and fidelity of each bundle x backend x threads x batch, each in its own process."""
-    from edgeretina.runtime.bench import BenchConfig, format_table, run_bench, write_results
+    from edgeretina.bench import BenchConfig, format_table, run_bench, write_results
 
     config = BenchConfig(bundles=list(bundles), reference=reference, backends=_names(backend), threads=_ints(threads, "--threads"),
                          batches=_ints(batch, "--batch"), images=images, runs=runs, warmup=warmup, rounds=rounds)
-    result = run_bench(config, log=lambda line: typer.echo(line, err=True))
+    result = run_bench(config, log=_log)
     typer.echo(json.dumps(result.rows, indent=2) if as_json else format_table(result))
     if out is not None:
-        json_path, png_path = write_results(result, out)
-        typer.echo(f"wrote {json_path} and {png_path}", err=True)
+        written = [path for path in write_results(result, out, log=_log) if path is not None]
+        typer.echo("wrote " + " and ".join(map(str, written)), err=True)
+
+
+def _log(line: str) -> None:
+    typer.echo(line, err=True)
 
 
 def _names(text: str) -> list[str]:

@@ -6,12 +6,12 @@ from typing import Annotated, Optional
 import typer
 
 from edgeretina.cli import app
-from edgeretina.cli._options import BundleOption, ThreadsOption, TrustOption, VerifyOption, trust_setting, verify_setting
+from edgeretina.cli._options import Backend, enum_value, BundleOption, ThreadsOption, TrustOption, VerifyOption, trust_setting, verify_setting
 
 EXIT_SOME_FAILED = 3
 
 
-@app.command()
+@app.command(epilog="Example: edgeretina grade photos/*.jpg --bundle bundle-cpu --json > results.json")
 def grade(
     paths: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.")],
     bundle: BundleOption,
@@ -19,7 +19,7 @@ def grade(
     csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Also write the records to this CSV file.")] = None,
     overlays: Annotated[Optional[Path], typer.Option("--overlays", help="Folder for saliency overlay PNGs.")] = None,
     cards: Annotated[Optional[Path], typer.Option("--cards", help="Folder for per-image report card PNGs.")] = None,
-    backend: Annotated[Optional[str], typer.Option("--backend", help="Inference backend (default: from the bundle).")] = None,
+    backend: Annotated[Optional[Backend], typer.Option("--backend", help="Inference backend (default: the installed one that best fits the bundle).")] = None,
     threads: ThreadsOption = None,
     device: Annotated[Optional[str], typer.Option(
         "--device", help="Backend device: cpu/cuda/tensorrt (onnxruntime), CPU/GPU/AUTO (openvino), cuda (tensorrt).")] = None,
@@ -32,7 +32,7 @@ def grade(
     from edgeretina.runtime.grader import Grader
     from edgeretina.runtime.report import format_table, records_json, write_csv
 
-    grader = Grader(bundle, backend=backend, threads=threads, device=device, trust=trust_setting(trust),
+    grader = Grader(bundle, backend=enum_value(backend), threads=threads, device=device, trust=trust_setting(trust),
                     verify=verify_setting(verify))
     records = grade_paths(grader, paths, overlays=overlays, batch_size=batch_size, cards=cards)
     if csv_path is not None:

@@ -9,7 +9,7 @@ from edgeretina.cli import app
 from edgeretina.cli._options import TrustOption, trust_setting
 
 
-@app.command()
+@app.command(epilog="Example: edgeretina info bundle-cpu")
 def info(
     bundle: Annotated[Path, typer.Argument(help="Exported bundle directory or .zip.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,

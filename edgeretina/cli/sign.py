@@ -8,7 +8,7 @@ import typer
 from edgeretina.cli import app
 
 
-@app.command()
+@app.command(epilog="Example: edgeretina keygen --out keys/site-a.pem")
 def keygen(
     out: Annotated[Path, typer.Option("--out", "-o", help="Private key file to write (KEY.pem); "
                                                          "the public key goes to KEY.pub.pem beside it.")],
@@ -21,7 +21,7 @@ def keygen(
     typer.echo(f"private key {out} (keep it secret)\npublic key  {public}\nkey id      {kid}")
 
 
-@app.command()
+@app.command(epilog="Example: edgeretina sign bundle-cpu --key keys/site-a.pem")
 def sign(
     bundle: Annotated[Path, typer.Argument(help="Exported bundle directory or .zip.")],
     key: Annotated[Path, typer.Option("--key", "-k", help="Ed25519 private key (PEM PKCS#8, from keygen).")],

@@ -10,7 +10,7 @@ from edgeretina.cli import app
 from edgeretina.cli._options import SeedOption
 
 
-@app.command()
+@app.command(epilog="Example: edgeretina synth --out data/train --n 2000 --seed 1")
 def synth(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write images/, masks/ and labels.csv into.")],
     n: Annotated[int, typer.Option("--n", min=1, help="Number of photographs.")] = 100,

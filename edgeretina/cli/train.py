@@ -7,10 +7,10 @@ from typing import Annotated, Optional
 import typer
 
 from edgeretina.cli import app
-from edgeretina.cli._options import SeedOption, ThreadsOption
+from edgeretina.cli._options import ComputeThreadsOption, SeedOption, TrainingPrecision
 
 
-@app.command()
+@app.command(epilog="Example: edgeretina train data/train/labels.csv --out model.pt --val data/val/labels.csv --epochs 20")
 def train(
     labels: Annotated[Path, typer.Argument(help="labels.csv of the training set (path, grade, ...).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint file to write.")] = Path("checkpoint.pt"),
@@ -23,9 +23,9 @@ def train(
     lr: Annotated[float, typer.Option("--lr")] = 1e-3,
     lesion_head: Annotated[bool, typer.Option("--lesion-head", help="Train a patch-level lesion head (needs masks/<CODE>/<case_id>.png beside labels.csv).")] = False,
     ben_graham: Annotated[bool, typer.Option("--ben-graham", help="Local-average subtraction preprocessing.")] = False,
-    precision: Annotated[str, typer.Option("--precision", help="auto (bf16 only where the CPU has bf16 units), fp32, bf16, fp16 (CUDA).")] = "auto",
+    precision: Annotated[TrainingPrecision, typer.Option("--precision", help="auto = bf16 only where the CPU has bf16 units; fp16 on CUDA.")] = TrainingPrecision("auto"),
     max_minutes: Annotated[Optional[float], typer.Option("--max-minutes", help="Stop after this budget.")] = None,
-    threads: ThreadsOption = None,
+    threads: ComputeThreadsOption = None,
     seed: SeedOption = 0,
 ) -> None:
     """Train a grader (open_clip tower, text prototypes, CORAL head, patch saliency) on a labels.csv."""
@@ -37,7 +37,7 @@ def train(
                         lesion_head=lesion_head)
     config = TrainConfig(labels=labels, out=out, model=model, val_labels=val_labels, epochs=epochs,
                          batch_size=batch_size, lr=lr, backbone_lr_scale=0.1 if pretrained else 1.0,
-                         ben_graham=ben_graham, precision=precision, max_minutes=max_minutes, threads=threads, seed=seed)
+                         ben_graham=ben_graham, precision=precision.value, max_minutes=max_minutes, threads=threads, seed=seed)
     result = run_training(config)
     typer.echo(json.dumps({"checkpoint": str(result.checkpoint), "seconds": result.seconds,
                            "val": {k: result.metrics.get(k) for k in ("qwk", "accuracy", "n")}}))

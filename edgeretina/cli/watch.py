@@ -6,10 +6,10 @@ from typing import Annotated, Optional
 import typer
 
 from edgeretina.cli import app
-from edgeretina.cli._options import BundleOption, ThreadsOption, TrustOption, VerifyOption, trust_setting, verify_setting
+from edgeretina.cli._options import Backend, enum_value, BundleOption, ThreadsOption, TrustOption, VerifyOption, trust_setting, verify_setting
 
 
-@app.command()
+@app.command(epilog="Example: edgeretina watch /media/camera/inbox --bundle bundle-cpu --out graded/")
 def watch(
     folder: Annotated[Path, typer.Argument(help="Hot folder the camera writes photographs into.")],
     bundle: BundleOption,
@@ -17,7 +17,7 @@ def watch(
     interval: Annotated[float, typer.Option("--interval", min=0.01, help="Seconds between polls.")] = 1.0,
     overlays: Annotated[bool, typer.Option("--overlays/--no-overlays", help="Write overlays and report cards.")] = True,
     once: Annotated[bool, typer.Option("--once", help="Grade what is there now, then exit (cron, tests).")] = False,
-    backend: Annotated[Optional[str], typer.Option("--backend", help="Inference backend (default: from the bundle).")] = None,
+    backend: Annotated[Optional[Backend], typer.Option("--backend", help="Inference backend (default: the installed one that best fits the bundle).")] = None,
     threads: ThreadsOption = None,
     device: Annotated[Optional[str], typer.Option("--device", help="Backend device (as for grade).")] = None,
     trust: TrustOption = None,
@@ -27,18 +27,13 @@ def watch(
     from edgeretina.runtime.watch import WatchConfig, watch as run_watch
 
     config = WatchConfig(folder=folder, bundle=bundle, out=out, interval=interval, overlays=overlays,
-                         once=once, backend=backend, threads=threads, device=device, trust=trust_setting(trust),
+                         once=once, backend=enum_value(backend), threads=threads, device=device, trust=trust_setting(trust),
                          verify=verify_setting(verify))
     summary = run_watch(config, on_record=_print_record)
     typer.echo(f"graded {summary.graded} image(s), {summary.errors} error(s); results in {out / 'results.jsonl'}")
 
 
 def _print_record(record: dict) -> None:
-    source = record["source"]["path"]
-    if record.get("error"):
-        typer.echo(f"{source}: error: {record['error']}")
-    elif record.get("gradable") is False:
-        typer.echo(f"{source}: ungradable ({', '.join(record['quality']['reasons'])})")
-    else:
-        typer.echo(f"{source}: {record['screening']} grade {record['grade']} "
-                   f"P(referable)={record['referable_probability']:.3f}")
+    from edgeretina.runtime.report import one_line
+
+    typer.echo(one_line(record["source"]["path"], record))

@@ -1,4 +1,12 @@
-"""Export a trained checkpoint to a verified bundle: `export(ExportConfig(...))`."""
+"""Export a trained checkpoint to a verified bundle: `export(ExportConfig(...))`.
+
+Where each concern lives: steps (ExportConfig, the context steps share), targets (the registry: each
+target's ordered steps), one module per target's own steps (onnx_steps: the FP32 graph every target
+starts from; quantize_ort: `cpu`; openvino_steps: `openvino`; jetson and trt_ops: `jetson`), graph (node
+scopes, kept-float selection and the calibration reader the quantizers share), reference (held-out and
+calibration images, the torch reference), gate (fidelity against torch), bank and reference_set (what
+ships beside the model), prune (the pruning step; its torch surgery is training/prune.py).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +18,7 @@ from typing import Callable
 from edgeretina.bundle import Manifest, load_bundle, save_manifest, zip_bundle
 from edgeretina.errors import ExportError
 from edgeretina.export.steps import ExportConfig, ExportContext
-from edgeretina.export.targets import TARGETS, target_steps
+from edgeretina.export.targets import TARGETS, check_precision, target_steps
 
 __all__ = ["ExportConfig", "export", "TARGETS"]
 
@@ -22,6 +30,7 @@ def export(config: ExportConfig, log: Callable[[str], None] = print) -> Path:
     Raises ExportError (GateError when the artifact disagrees with torch).
     """
     steps = target_steps(config.target, prune=config.prune)
+    check_precision(config.target, config.precision)
     out = Path(config.out)
     if out.exists() and not config.overwrite:
         raise ExportError(f"{out} already exists (--overwrite replaces it)")

@@ -13,7 +13,7 @@ import numpy as np
 
 from edgeretina.errors import GateError
 from edgeretina.export.steps import ExportContext
-from edgeretina.fidelity import Check, GateThresholds, compare
+from edgeretina.fidelity import Check, GateThresholds, checks_table, compare
 
 
 @dataclass(frozen=True)
@@ -49,10 +49,9 @@ def run_gate(ctx: ExportContext, candidate: dict[str, np.ndarray], thresholds: G
                                            "passed": c.passed} for c in checks},
                        "passed": passed, "images": int(len(ctx.reference_inputs)), "mode": ctx.config.gate}
     ctx.log(f"gate for {label} on {len(ctx.reference_inputs)} images:")
-    for check in checks:
-        ctx.log("  " + check.line())
+    for line in checks_table(checks):
+        ctx.log("  " + line)
     if not passed and ctx.config.gate == "fail":
-        raise GateError([f"{label}: {c.name} = {c.value:.5f} (needs {'≥' if c.higher_is_better else '≤'} "
-                         f"{c.threshold})" for c in checks if not c.passed])
+        raise GateError([f"{label}: {c.failure()}" for c in checks if not c.passed])
     if not passed:
         ctx.log(f"gate failed for {label}, continuing because --gate {ctx.config.gate}")

@@ -19,13 +19,15 @@ from importlib import resources
 import numpy as np
 
 from edgeretina.bundle import describe_artifact
+from edgeretina.choices import TARGET_PRECISIONS
+from edgeretina.export.graph import ATTENTION_POOL_SCOPE, CNN_EARLY_STAGES, CalibrationReader, KeepFloat, kept_float_nodes
 from edgeretina.errors import ConfigError, ExportError
 from edgeretina.export.gate import run_gate
 from edgeretina.export.steps import ExportContext
 from edgeretina.export.trt_ops import find_offenders, support_for
 from edgeretina.fidelity import FP32_THRESHOLDS, INT8_THRESHOLDS
 
-PRECISIONS = ("fp16", "int8")
+PRECISIONS = TARGET_PRECISIONS["jetson"]
 BUILD_SCRIPT = "build_engine.sh"
 REFERENCE_INPUTS = "reference_inputs.npy"
 REFERENCE_OUTPUTS = "reference_outputs.npz"
@@ -38,8 +40,6 @@ JETSON_INT8_THRESHOLDS = replace(INT8_THRESHOLDS, max_size_ratio=None)
 # quantizers on conv/linear/matmul inputs only); everything else runs in FP16/FP32 between them.
 QUANTIZED_OP_TYPES = ["Conv", "MatMul", "Gemm"]
 KEEP_FLOAT_OP_TYPES = ("LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt", "Erf")
-BACKBONE_SCOPE = "/model/backbone/"       # ONNX node-name prefix the exporter gives the vision tower
-ATTENTION_POOL_SCOPE = "/attnpool/"       # open_clip ModifiedResNet's attention pooling
 # Symmetric activations spend the whole int8 range on |max|, so one rare outlier coarsens every image's
 # steps. Demo tiny-rn, 64 references: MinMax agreement 0.953, min cosine 0.989, KNN 0.75; percentile
 # 99.999: 0.969, 0.996, 0.82; 99.99 clips real signal (cosine 0.965); 99.9999 behaves like MinMax.
@@ -51,8 +51,14 @@ CALIBRATION_PERCENTILE = 99.999
 # (ONNX 0.745 of FP32; no size bar here); + layer3 1.0, 0.999, 0.92 but more of the compute in float.
 # MinMax with layer2 float: 0.9375 (the outlier-coarsened steps again); 64 calibration images with layer2
 # float: 0.953 (percentile ranges need the 256, ExportConfig.calibration_count).
-EARLY_FLOAT_SCOPES = ("/model/backbone/conv1/", "/model/backbone/conv2/", "/model/backbone/conv3/",
-                      "/model/backbone/layer1/", "/model/backbone/layer2/")
+EARLY_FLOAT_SCOPES = CNN_EARLY_STAGES
+# Nodes left unquantized: normalisation/softmax, MatMuls of two activations (attention scores, prototype
+# similarities), the heads after the backbone and the CNN's final attention pool (tiny compute that sets the
+# embedding directly). Measured on the demo tiny-rn checkpoint, 32 held-out images, MinMax: min embedding
+# cosine 0.914 quantizing all Conv/MatMul/Gemm, 0.974 keeping the activation MatMuls in float, 0.987
+# keeping heads and attention pool in float too.
+KEEP_FLOAT = KeepFloat(op_types=KEEP_FLOAT_OP_TYPES, heads=True, activation_matmuls=True,
+                       scopes=(ATTENTION_POOL_SCOPE, *EARLY_FLOAT_SCOPES))
 
 
 @dataclass(frozen=True)
@@ -120,10 +126,10 @@ def quantize_int8_explicit(ctx: ExportContext) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     model = onnx.load(str(ctx.onnx_path))
-    excluded = _float_node_names(model)
+    excluded = kept_float_nodes(model.graph, KEEP_FLOAT)
     out = ctx.work / "model_int8_qdq.onnx"
     try:
-        quantize_static(str(ctx.onnx_path), str(out), _CalibrationReader(ctx.calibration_inputs),
+        quantize_static(str(ctx.onnx_path), str(out), CalibrationReader(ctx.calibration_inputs, batch=1),
                         quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANTIZED_OP_TYPES,
                         per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         nodes_to_exclude=excluded, calibrate_method=CalibrationMethod.Percentile,
@@ -206,31 +212,6 @@ def record_tensorrt_info(ctx: ExportContext) -> None:
 
 
 # ---- helpers -----------------------------------------------------------------------------------------
-
-class _CalibrationReader:
-    """onnxruntime CalibrationDataReader over preprocessed images, one image per batch."""
-
-    def __init__(self, images: np.ndarray):
-        self._batches = iter([{"image": images[i:i + 1]} for i in range(len(images))])
-
-    def get_next(self):
-        return next(self._batches, None)
-
-
-def _float_node_names(model) -> list[str]:
-    """Nodes left unquantized: normalisation/softmax, MatMuls of two activations (attention scores,
-    prototype similarities), the heads after the backbone and the CNN's final attention pool (tiny
-    compute that sets the embedding directly). Measured on the demo tiny-rn checkpoint, 32 held-out
-    images, MinMax: min embedding cosine 0.914 quantizing all Conv/MatMul/Gemm, 0.974 keeping the
-    activation MatMuls in float, 0.987 keeping heads and attention pool in float too."""
-    constants = {t.name for t in model.graph.initializer}
-    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
-    return [n.name for n in model.graph.node
-            if n.op_type in KEEP_FLOAT_OP_TYPES
-            or (n.op_type == "MatMul" and not any(name in constants for name in n.input))
-            or not n.name.startswith(BACKBONE_SCOPE) or ATTENTION_POOL_SCOPE in n.name
-            or n.name.startswith(EARLY_FLOAT_SCOPES)]
-
 
 def qdq_problems(model) -> list[str]:
     """Every Q/DQ node that breaks TensorRT's explicit-quantization form, as readable lines."""

@@ -6,6 +6,7 @@ inserted between them (a test's corruption, a future pruning pass) sees the curr
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,10 +15,13 @@ from typing import Any, Literal
 import numpy as np
 
 from edgeretina.bundle import describe_artifact
+from edgeretina.choices import TARGET_PRECISIONS
 from edgeretina.cpu import has_native_bf16, int8_validity, precision_class
 from edgeretina.errors import ConfigError, MissingDependencyError
 from edgeretina.export.bank import write_bank
 from edgeretina.export.gate import run_gate
+from edgeretina.export.graph import (ATTENTION_POOL_PROJECTIONS, ATTENTION_POOL_SCOPE, CNN_STEM, MODEL_SCOPE,
+                                     OUTPUT_NAMES, backbone_scope, fragment_pattern, prefix_pattern)
 from edgeretina.grades import ordinal_grades
 from edgeretina.export.onnx_steps import check_onnx, export_onnx_fp32
 from edgeretina.export.quantize_ort import OrtInt8Options
@@ -28,8 +32,8 @@ from edgeretina.fidelity import INT8_THRESHOLDS, GateThresholds, agreement_kappa
 
 # Node names of the exported graph (torch module paths): everything outside the backbone, plus the
 # CLIP ModifiedResNet's attention pooling, which acts as its projection head.
-HEAD_PATTERNS = (r"/model/(?!backbone/).*", r".*/attnpool/.*", r"/model/backbone/(v_proj|c_proj)/.*",
-                 r"(ordinal|prototype)_logits", r"embedding", r"saliency")
+HEAD_PATTERNS = (re.escape(MODEL_SCOPE) + r"(?!backbone/).*", fragment_pattern(ATTENTION_POOL_SCOPE),
+                 *(prefix_pattern(backbone_scope(m)) for m in ("v_proj", "c_proj")), *map(re.escape, OUTPUT_NAMES))
 # Issue 3: the layers that carry most of the INT8 ordinal-logit error on the demo CNN (ORT layer scan in
 # quantize_ort.py): stem, first stage, attention-pool value/output projections; small weights, IR size
 # ratio 0.348. Demo tiny-rn, 64 references, MINMAX ranges: min cosine 0.986 -> 0.989, KNN 0.70 -> 0.73
@@ -50,8 +54,9 @@ HEAD_PATTERNS = (r"/model/(?!backbone/).*", r".*/attnpool/.*", r"/model/backbone
 # into Convert-to-i32 + Convolution: 0.993 / 0.9992 but 12.9 ms and size 0.97, so not a source.
 # Its XML names every Q/DQ tensor; the long exporter names alone cost 0.003 of the
 # size ratio (0.351 -> 0.349), so internal names are shortened first (graph inputs/outputs keep theirs).
-SENSITIVE_PATTERNS = (r"/model/backbone/(conv[123]|layer1)/.*", r".*/attnpool/(MatMul_3|MatMul_4|Gemm)")
-PRECISIONS = ("fp16", "int8")
+SENSITIVE_PATTERNS = (*(prefix_pattern(scope) for scope in (*CNN_STEM, backbone_scope("layer1"))),
+                      *map(fragment_pattern, ATTENTION_POOL_PROJECTIONS))
+PRECISIONS = TARGET_PRECISIONS["openvino"]
 DEFAULT_PRECISION = "int8"
 IR_DIR = "openvino"
 XML_FILE, BIN_FILE = "model.xml", "model.bin"

@@ -87,6 +87,8 @@ import numpy as np
 from edgeretina.cpu import cpu_flags, int8_validity
 from edgeretina.errors import ConfigError, ExportError, MissingDependencyError
 from edgeretina.export.gate import run_gate
+from edgeretina.export.graph import (ATTENTION_POOL_PROJECTIONS, CNN_EARLY_STAGES, CalibrationReader, KeepFloat,
+                                     kept_float_nodes)
 from edgeretina.export.onnx_steps import ship_onnx
 from edgeretina.export.steps import ExportContext
 from edgeretina.fidelity import INT8_THRESHOLDS, GateThresholds, compare
@@ -102,13 +104,11 @@ DYNAMIC_SCHEMES = ("dynamic", "dynamic-u8")
 # Schemes whose weights are uint8 (asymmetric, per channel): MLAS computes u8 x u8 by widening to int16
 # before vpmaddwd on every x86 class, so the sums never saturate even with all 8 bits.
 UNSIGNED_WEIGHT_SCHEMES = ("dynamic-u8",)
-BACKBONE_SCOPE = "/backbone/"            # the TorchScript exporter names nodes by module path
 # Node-name fragments kept float (see the module docstring): the CNN stem, its first two stages, and the
 # attention pool's value projection and output projection (names the TorchScript exporter gives them).
 # The cpu target wants 256 calibration images (ExportConfig.calibration_count): see the docstring.
 RECOMMENDED_CALIBRATION_IMAGES = 256
-FLOAT_SCOPES = ("/backbone/conv1/", "/backbone/conv2/", "/backbone/conv3/", "/backbone/layer1/", "/backbone/layer2/",
-                "/attnpool/MatMul_3", "/attnpool/MatMul_4", "/attnpool/Gemm")
+FLOAT_SCOPES = CNN_EARLY_STAGES + ATTENTION_POOL_PROJECTIONS
 NEAR_THRESHOLD_MARGIN = 0.1   # ordinal logits this close to a threshold flip on rounding noise alone
 PERCENTILE_BINS = 2048        # ORT's default for Percentile; 4096 measured no better (module docstring)
 
@@ -250,19 +250,9 @@ def _nodes_kept_float(path: Path, options: OrtInt8Options) -> list[str]:
     """Names of nodes to leave unquantized: the float op types anywhere, and the heads after the backbone."""
     import onnx
 
-    graph = onnx.load(str(path)).graph
-    weights = {init.name for init in graph.initializer}
-    in_backbone = [BACKBONE_SCOPE in node.name for node in graph.node]
-    if options.keep_heads_float and not any(in_backbone):
-        raise ExportError(f"no node carries the {BACKBONE_SCOPE!r} scope: cannot tell the heads from the backbone")
-
-    def kept_float(node, backbone: bool) -> bool:
-        activation_matmul = node.op_type == "MatMul" and not any(i in weights for i in node.input)
-        return (node.op_type in options.float_op_types or (options.keep_heads_float and not backbone)
-                or (options.keep_activation_matmuls_float and activation_matmul)
-                or any(scope in node.name for scope in options.float_scopes))
-
-    return [node.name for node, backbone in zip(graph.node, in_backbone) if kept_float(node, backbone)]
+    rule = KeepFloat(op_types=options.float_op_types, heads=options.keep_heads_float,
+                     activation_matmuls=options.keep_activation_matmuls_float, scopes=options.float_scopes)
+    return kept_float_nodes(onnx.load(str(path)).graph, rule)
 
 
 def _dynamic_extra_float(path: Path, scheme: str, options: OrtInt8Options) -> list[str]:
@@ -306,7 +296,7 @@ def calibration_ranges(prepared: Path, images: np.ndarray | None, options: OrtIn
                                                   "num_bins": PERCENTILE_BINS})
     with contextlib.redirect_stdout(io.StringIO()):   # the collector prints a line per call
         for start in range(0, len(images), options.calibration_chunk):
-            calibrator.collect_data(_CalibrationReader(images[start:start + options.calibration_chunk]))
+            calibrator.collect_data(CalibrationReader(images[start:start + options.calibration_chunk]))
         return calibrator.compute_data()
 
 
@@ -324,7 +314,7 @@ def _static_calibration(ctx: ExportContext, prepared: Path, options: OrtInt8Opti
     from onnxruntime.quantization.calibrate import save_tensors_data
 
     if calibration_method(ctx, options) == "minmax":
-        return {"calibration_data_reader": _CalibrationReader(ctx.calibration_inputs),
+        return {"calibration_data_reader": CalibrationReader(ctx.calibration_inputs),
                 "calibrate_method": CalibrationMethod.MinMax}
     cache = ctx.work / "calibration_ranges.json"
     save_tensors_data(calibration_ranges(prepared, ctx.calibration_inputs, options, ctx.work), cache)
@@ -408,22 +398,6 @@ def _choose(candidates: list[Candidate]) -> tuple[Candidate, str]:
     # None passes: ship the most faithful (grades first, then the embedding), never the fastest.
     best = max(candidates, key=lambda c: (c.checks["grade_agreement"], c.checks["embedding_cosine"]))
     return best, "no scheme passed the INT8 gate thresholds; the most faithful one goes to the gate"
-
-
-class _CalibrationReader:
-    """The CalibrationDataReader interface (get_next) over the calibration images, in small batches:
-    MinMax takes the extremes over every batch, and the graph's batch axis is dynamic."""
-
-    BATCH = 8
-
-    def __init__(self, images: np.ndarray | None):
-        if images is None or len(images) == 0:
-            raise ExportError("static INT8 needs calibration images (run load_calibration first)")
-        self._feeds = iter([{"image": images[i:i + self.BATCH]} for i in range(0, len(images), self.BATCH)])
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._feeds, None)
-
 
 
 def ship_onnx_int8(ctx: ExportContext) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, get_args
 
 import numpy as np
 
@@ -42,8 +42,8 @@ class ExportConfig:
     int8_weight_bits: int = 7
 
     def __post_init__(self):
-        if self.gate not in ("fail", "warn", "off"):
-            raise ConfigError(f"gate must be fail, warn or off, not {self.gate!r}")
+        if self.gate not in get_args(GateMode):
+            raise ConfigError(f"gate must be {', '.join(get_args(GateMode))}, not {self.gate!r}")
         if not 7 <= self.opset <= 21:
             raise ConfigError(f"opset {self.opset} is out of the supported range 7..21")
         if self.reference_count < 2:

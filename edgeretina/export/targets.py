@@ -5,6 +5,7 @@ from __future__ import annotations
 from edgeretina.errors import ConfigError
 from edgeretina.export.bank import write_bank
 from edgeretina.export.gate import run_gate
+from edgeretina.choices import TARGET_PRECISIONS
 from edgeretina.export.jetson import jetson_target
 from edgeretina.export.onnx_steps import check_onnx, export_onnx_fp32, ship_onnx
 from edgeretina.export.openvino_steps import openvino_target
@@ -30,6 +31,13 @@ TARGETS: dict[str, list[Step]] = {
     "cpu": [load_reference, export_onnx_fp32, check_onnx, load_calibration, quantize_int8, gate_onnx_int8,
             ship_onnx_int8, write_bank, write_reference_set],
 }
+
+
+def check_precision(target: str, precision: str | None) -> None:
+    """Refuse a precision the target does not make, before any step runs (the onnx target used to ignore it)."""
+    allowed = TARGET_PRECISIONS.get(target, ())
+    if precision is not None and precision not in allowed:
+        raise ConfigError(f"the {target} target makes {' or '.join(allowed)}, not {precision!r}")
 
 
 def target_steps(name: str, prune: bool = False) -> list[Step]:

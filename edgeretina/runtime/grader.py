@@ -18,11 +18,11 @@ import cv2
 import numpy as np
 
 from edgeretina.bundle import Bundle, load_bundle
-from edgeretina.errors import BackendError, EdgeRetinaError
-from edgeretina.grades import LESIONS, GradingConfig, grade_name
-from edgeretina.preprocess import Geometry, PreprocessConfig, decode_image, detect_fov, normalize, prepare
+from edgeretina.errors import EdgeRetinaError
+from edgeretina.grades import LESIONS, grade_name
+from edgeretina.preprocess import Geometry, decode_image, detect_fov, normalize, prepare
 from edgeretina.quality import assess_quality
-from edgeretina.runtime.backends import available_backends, create_runner, formats_for
+from edgeretina.runtime.backends import create_runner, model_artifact, pick_backend
 from edgeretina.runtime.knn import FeatureBank
 from edgeretina.runtime.postprocess import grade_results
 from edgeretina.runtime.verify import ensure_verified
@@ -89,12 +89,12 @@ class Grader:
         name = None if isinstance(bundle, Bundle) else str(bundle)    # how messages call it: the user's path
         self.signature = enforce_trust(self.bundle, resolve_trust(trust), name=name)
         manifest = self.bundle.manifest
-        self.preprocess = PreprocessConfig.from_dict(manifest.model["preprocess"])
-        self.grading = GradingConfig.from_dict(manifest.grading)
-        self.backend = backend or self._pick_backend()
-        model_artifact = self._model_artifact(self.backend)
-        self.precision = model_artifact.precision
-        self.runner = create_runner(self.backend, self.bundle.path(model_artifact), threads=threads, device=device,
+        self.preprocess = manifest.preprocess_config
+        self.grading = manifest.grading_config
+        self.backend = backend or pick_backend(manifest)
+        artifact = model_artifact(manifest, self.backend)
+        self.precision = artifact.precision
+        self.runner = create_runner(self.backend, self.bundle.path(artifact), threads=threads, device=device,
                                     settings=manifest.export.get("runtime", {}).get(self.backend))
         _return_freed_heap()   # before the bank arrives on top of what the session load left behind
         self.bank = FeatureBank.load(self.bundle.root / manifest.bank["file"], threads) if manifest.bank else None
@@ -102,18 +102,24 @@ class Grader:
         self.verification = ensure_verified(self.bundle, self.runner, self.backend, self.bank, verify, name=name)
         _return_freed_heap()
 
-    def _pick_backend(self) -> str:
-        formats = {a.format for a in self.bundle.manifest.artifacts_with_role("model")}
-        for backend in available_backends():
-            if formats & set(formats_for(backend)):
-                return backend
-        raise BackendError(f"no installed backend runs this bundle's model formats ({', '.join(sorted(formats))})")
-
-    def _model_artifact(self, backend: str):
-        for artifact in self.bundle.manifest.artifacts_with_role("model"):
-            if artifact.format in formats_for(backend):
-                return artifact
-        raise BackendError(f"backend {backend} cannot run this bundle (it runs {', '.join(formats_for(backend))})")
+    def grades_and_embeddings(self, paths: Iterable[str | os.PathLike],
+                              batch_size: int = 8) -> tuple[list[str], list[int], np.ndarray]:
+        """(files, grades, embeddings [N, D] float32) of the gradable images among `paths`, through the
+        same pipeline as `grade_iter`: what comparing two artifacts needs (records carry no embedding).
+        Files that fail to decode or are ungradable are left out."""
+        files, prepared = [], []
+        for path in paths:
+            graded, image = self._load(str(path))
+            if image is not None:
+                files.append(graded.record.file)
+                prepared.append(image)
+        grades, embeddings = [], []
+        for start in range(0, len(prepared), batch_size):
+            outputs = self.runner.run(normalize(np.stack(prepared[start:start + batch_size]), self.preprocess))
+            grades += [r.grade for r in grade_results(outputs["ordinal_logits"], self.grading)]
+            embeddings.append(outputs["embedding"].astype(np.float32))
+        dim = int(self.bundle.manifest.model.get("embed_dim", 0))
+        return files, grades, np.concatenate(embeddings) if embeddings else np.zeros((0, dim), np.float32)
 
     def grade(self, paths: Iterable[str | os.PathLike], batch_size: int = 8) -> list[GradeRecord]:
         return [graded.record for graded in self.grade_iter(paths, batch_size)]

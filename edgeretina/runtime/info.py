@@ -6,20 +6,17 @@ lists every problem, so one look tells everything that is wrong with a bundle.
 
 from __future__ import annotations
 
-import importlib.util
+
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-from edgeretina.bundle import SCHEMA_VERSION, Artifact, Bundle, load_bundle, sha256_file
-from edgeretina.errors import BundleError
-from edgeretina.runtime.backends import available_backends, formats_for
+from edgeretina.bundle import SCHEMA_VERSION, Artifact, Bundle, Manifest, artifact_problem, load_bundle
+from edgeretina.errors import BackendError, BundleError
+from edgeretina.runtime.backends import is_installed, model_artifact, registered_backends
 from edgeretina.runtime.verify import verified_here
 from edgeretina.signing import SignatureStatus, TrustList, check_signature, resolve_trust
-
-# backend name -> the Python package whose presence makes it installed
-_BACKEND_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}
+from edgeretina.text_tables import table_lines
 
 
 @dataclass
@@ -79,7 +76,7 @@ def inspect_bundle(path: str | os.PathLike,
     return BundleInfo(path=str(path), schema_version=manifest.schema_version,
                       edgeretina_version=manifest.edgeretina_version, created=manifest.created,
                       model=manifest.model, outputs=manifest.outputs, grading=manifest.grading, bank=manifest.bank,
-                      export=manifest.export, artifacts=checks, backends=_backends_for(manifest.artifacts),
+                      export=manifest.export, artifacts=checks, backends=_backends_for(manifest),
                       problems=[c.problem for c in checks if c.problem]
                       + ([signature.reason] if signature.trusted is False else []),
                       signature=signature, exported_on=(manifest.export.get("verify") or {}).get("exported_on", {}),
@@ -93,38 +90,33 @@ def _verification_summary(entry: dict) -> dict:
 
 
 def _check_artifact(bundle: Bundle, artifact: Artifact) -> ArtifactCheck:
-    check = ArtifactCheck(file=artifact.file, format=artifact.format, role=artifact.role,
-                          precision=artifact.precision, target=artifact.target, bytes=artifact.bytes, sha256_ok=False)
-    path = bundle.root / artifact.file
-    if ".." in Path(artifact.file).parts or Path(artifact.file).is_absolute():
-        check.problem = f"artifact name {artifact.file!r} points outside the bundle"
-    elif not path.is_file():
-        check.problem = f"missing file {artifact.file}"
-    elif path.stat().st_size != artifact.bytes:
-        check.problem = f"{artifact.file} has {path.stat().st_size} bytes, manifest says {artifact.bytes}"
-    elif sha256_file(path) != artifact.sha256:
-        check.problem = f"{artifact.file} sha256 mismatch (file changed after export)"
-    else:
-        check.sha256_ok = True
-    return check
+    problem = artifact_problem(bundle.root, artifact)
+    return ArtifactCheck(file=artifact.file, format=artifact.format, role=artifact.role,
+                         precision=artifact.precision, target=artifact.target, bytes=artifact.bytes,
+                         sha256_ok=problem is None, problem=problem)
 
 
-def _backends_for(artifacts: list[Artifact]) -> dict[str, str]:
-    model_formats = {a.format for a in artifacts if a.role == "model"}
-    status = {}
-    for backend in available_backends():
-        if not model_formats & set(formats_for(backend)):
-            status[backend] = "cannot run these formats"
-        elif importlib.util.find_spec(_BACKEND_PACKAGES.get(backend, backend)) is None:
-            status[backend] = "not installed"
-        else:
-            status[backend] = "runs it"
-    return status
+def _backends_for(manifest: Manifest) -> dict[str, str]:
+    return {backend: _backend_status(manifest, backend) for backend in registered_backends()}
+
+
+def _backend_status(manifest: Manifest, backend: str) -> str:
+    try:
+        model_artifact(manifest, backend)
+    except BackendError:
+        return "cannot run these formats"
+    return "runs it" if is_installed(backend) else "not installed"
 
 
 def _gates(export: dict) -> dict[str, dict]:
     gate = export.get("gate") or {}
     return {name: value for name, value in gate.items() if isinstance(value, dict)}
+
+
+def _artifact_table(artifacts) -> list[str]:
+    return table_lines([(f"{'✓' if a.sha256_ok else '✗'} {a.file}", a.format, a.role, a.precision, _size(a.bytes),
+                         a.problem or "sha256 ok") for a in artifacts],
+                       ("left", "left", "left", "left", "right", "left"))
 
 
 def format_info(info: BundleInfo) -> str:
@@ -145,10 +137,7 @@ def format_info(info: BundleInfo) -> str:
         lines.append(f"bank       {bank.get('count')} cases x {bank.get('dim')} ({bank.get('dtype')}, "
                      f"{bank.get('metric')}, k={bank.get('k')}), grades {bank.get('label_counts')}")
     lines.append("artifacts")
-    for a in info.artifacts:
-        mark = "✓" if a.sha256_ok else "✗"
-        lines.append(f"  {mark} {a.file:<16} {a.format:<13} {a.role:<7} {a.precision:<5} {_size(a.bytes):>9}"
-                     + (f"  {a.problem}" if a.problem else "  sha256 ok"))
+    lines.extend("  " + line for line in _artifact_table(info.artifacts))
     lines.append(f"export     target {export.get('target')}: " + " -> ".join(export.get("steps", [])))
     quantization = export.get("quantization") or {}
     if quantization.get("scheme") or quantization.get("tool"):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgeretina.bank_storage import quantize_rows_int8
+from edgeretina.bank_storage import dequantize_rows, quantize_rows_int8
 from edgeretina.runtime.onnx_wire import Node, ValueInfo, model_bytes
 
 # Candidates re-scored exactly, (at least, times k) per stage; the first comes from TopK in the graph, the
@@ -48,11 +48,9 @@ class BankRows:
         return self.scales is not None
 
     def take(self, index: np.ndarray) -> np.ndarray:
-        rows = self.stored[index].astype(np.float32)
         if self.is_int8:
-            rows *= self.scales[index, None]
-            rows += self.offset
-        return rows
+            return dequantize_rows(self.stored[index], self.scales[index], self.offset)
+        return self.stored[index].astype(np.float32)
 
     def similarities(self, query: np.ndarray, index: np.ndarray | None = None) -> np.ndarray:
         """query [D] -> similarity to the rows in `index` (default: all, a chunk of rows at a time)."""

@@ -10,6 +10,7 @@ from typing import Sequence
 
 from edgeretina.atomic import write_text_atomic
 from edgeretina.runtime.grader import GradeRecord
+from edgeretina.text_tables import table_lines
 
 CSV_COLUMNS = ("file", "screening", "gradable", "grade", "grade_name", "referable", "referable_probability",
                "p0", "p1", "p2", "p3", "p4", "quality_reasons", "nearest_case", "nearest_grade", "error")
@@ -39,16 +40,23 @@ def write_csv(path: str | os.PathLike, records: Sequence[GradeRecord]) -> None:
     write_text_atomic(path, buffer.getvalue())
 
 
+def summary_cells(record: dict) -> tuple[str, str, str]:
+    """A record for people, as (result, what, P(referable)): the one rendering behind `grade`'s table and
+    `watch`'s line per photograph."""
+    if record.get("error"):
+        return "error", str(record["error"]), ""
+    if record.get("gradable") is False:
+        return "ungradable", ", ".join((record.get("quality") or {}).get("reasons", [])), ""
+    return (str(record["screening"]), f"{record['grade']} {record['grade_name']}",
+            f"{record['referable_probability']:.3f}")
+
+
 def format_table(records: Sequence[GradeRecord]) -> str:
-    lines = [f"{'file':<40} {'result':<11} {'grade':<33} {'P(referable)':>12}"]
-    for r in records:
-        name = os.path.basename(r.file)[:40]
-        if r.error:
-            lines.append(f"{name:<40} {'error':<11} {r.error}")
-        elif not r.gradable:
-            reasons = ", ".join((r.quality or {}).get("reasons", []))
-            lines.append(f"{name:<40} {'ungradable':<11} {reasons}")
-        else:
-            grade = f"{r.grade} {r.grade_name}"
-            lines.append(f"{name:<40} {r.screening:<11} {grade:<33} {r.referable_probability:>12.3f}")
-    return "\n".join(lines)
+    """The grade table: file, result, grade, P(referable)."""
+    rows = [(os.path.basename(r.file), *summary_cells(r.to_dict())) for r in records]
+    return "\n".join(table_lines(rows, ("left", "left", "left", "right"), ("file", "result", "grade", "P(referable)")))
+
+
+def one_line(source: str, record: dict) -> str:
+    result, what, referable = summary_cells(record)
+    return f"{source}: {result}" + (f" {what}" if what else "") + (f" P(referable)={referable}" if referable else "")

@@ -20,9 +20,8 @@ import numpy as np
 from edgeretina.bundle import MANIFEST_NAME, Bundle
 from edgeretina.cpu import cpu_fingerprint
 from edgeretina.errors import BundleError, ConfigError, VerificationError
-from edgeretina.fidelity import GateThresholds, compare, cosine
-from edgeretina.grades import GradingConfig
-from edgeretina.preprocess import PreprocessConfig, normalize
+from edgeretina.fidelity import Check, GateThresholds, checks_table, compare, cosine
+from edgeretina.preprocess import normalize
 from edgeretina.reference_set import load_reference_set
 from edgeretina.runtime import device_cache
 from edgeretina.runtime.backends.base import Runner
@@ -75,9 +74,9 @@ def verify_on_device(bundle: Bundle, runner: Runner, backend: str, bank: Feature
                           "edgeretina): re-export it, or grade with verification off")
     reference = load_reference_set(bundle.root / spec["reference_set"])
     thresholds = _thresholds(spec.get("thresholds") or {})
-    inputs = normalize(reference.inputs_u8, PreprocessConfig.from_dict(manifest.model["preprocess"]))
+    inputs = normalize(reference.inputs_u8, manifest.preprocess_config)
     outputs = _one_at_a_time(runner, inputs)
-    checks = compare(reference.torch_outputs, outputs, GradingConfig.from_dict(manifest.grading), thresholds,
+    checks = compare(reference.torch_outputs, outputs, manifest.grading_config, thresholds,
                      bank.embeddings if bank is not None else None)
     return VerifyReport(
         bundle=str(bundle.root), manifest_sha256=manifest_sha256(bundle), backend=backend,
@@ -158,9 +157,8 @@ def format_report(report: VerifyReport) -> str:
              f"  on {cpu.get('model')} ({cpu.get('class')}; {' '.join(cpu.get('flags', [])) or 'no int8/bf16 flags'}), "
              f"{report.backend} {report.backend_version}, device {report.device}, threads {report.threads or 'default'}",
              f"  {report.images} reference images{' (cached result)' if report.cached else ''}:"]
-    for c in report.checks:
-        op = "≥" if c["higher_is_better"] else "≤"
-        lines.append(f"  {'✓' if c['passed'] else '✗'} {c['name']:<22} {c['value']:>9.5f}  (needs {op} {c['threshold']})")
+    checks = [Check(c["name"], c["value"], c["threshold"], c["higher_is_better"]) for c in report.checks]
+    lines.extend("  " + line for line in checks_table(checks))
     if report.drift_from_export:
         lines.append("  drift from the export machine's artifact: " +
                      ", ".join(f"{k} {v}" for k, v in report.drift_from_export.items()))

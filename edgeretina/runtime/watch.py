@@ -31,9 +31,8 @@ from typing import Callable, Iterator
 
 from edgeretina.errors import ConfigError, EdgeRetinaError
 from edgeretina.dataset import IMAGE_SUFFIXES
-from edgeretina.runtime.card import write_card_png
 from edgeretina.runtime.grader import GradedImage, Grader
-from edgeretina.runtime.overlay import render_overlay, write_png
+from edgeretina.runtime.visuals import path_stem, write_visuals
 from edgeretina.signing import TrustList
 
 RESULTS_NAME = "results.jsonl"
@@ -182,20 +181,7 @@ class Watcher:
         return time.monotonic() - first < self.config.undecodable_grace_s
 
     def _write_images(self, graded: GradedImage, key: FileKey) -> None:
-        stem = key.path.rsplit(".", 1)[0].replace("/", "__")
-        record = graded.record
-        try:
-            if graded.saliency is not None:
-                overlay = self.config.out / "overlays" / f"{stem}_saliency.png"
-                overlay.parent.mkdir(parents=True, exist_ok=True)
-                write_png(overlay, render_overlay(graded.image, graded.saliency, graded.geometry))
-                record.overlay = str(overlay)
-            if graded.image is not None:
-                card = self.config.out / "cards" / f"{stem}_card.png"
-                card.parent.mkdir(parents=True, exist_ok=True)
-                write_card_png(card, graded)
-        except (EdgeRetinaError, OSError) as exc:
-            record.error = f"graded, but the overlay or card could not be written: {exc}"
+        write_visuals(graded, path_stem(key.path), self.config.out / "overlays", self.config.out / "cards")
 
 
 def load_done_keys(results: Path) -> set[FileKey]:

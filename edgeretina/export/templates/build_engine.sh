@@ -61,5 +61,5 @@ echo "building model.plan with $TRTEXEC ${args[*]}" >&2
 "$TRTEXEC" "${args[@]}"
 
 # Compare the engine with the torch outputs and write engine.json (TensorRT version, device name).
-python3 -m edgeretina.runtime.backends.tensorrt verify model.plan reference_inputs.npy \
+python3 -c 'from edgeretina.cli import main; main()' check-engine model.plan reference_inputs.npy \
     reference_outputs.npz --precision "$PRECISION" --exported-for "$EXPORTED_FOR_TRT" --write-info engine.json

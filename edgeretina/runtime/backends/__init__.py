@@ -1,34 +1,10 @@
-"""Backend registry: names -> runner classes, imported lazily so only the chosen backend loads."""
+"""Inference backends: one runner per backend behind one interface (base), the registry of what exists
+and what is installed (registry), and which backend and artifact grade a bundle (selection)."""
 
-from __future__ import annotations
-
-import importlib
-from pathlib import Path
-
-from edgeretina.errors import BackendError
 from edgeretina.runtime.backends.base import Runner
+from edgeretina.runtime.backends.registry import (create_runner, formats_for, installed_backends, is_installed,
+                                                  registered_backends)
+from edgeretina.runtime.backends.selection import model_artifact, pick_backend, rank_backends
 
-# backend name -> (module, class, the artifact formats it runs)
-_BACKENDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "onnxruntime": ("edgeretina.runtime.backends.onnxruntime", "OnnxRuntimeRunner", ("onnx",)),
-    "tensorrt": ("edgeretina.runtime.backends.tensorrt", "TensorRtRunner", ("tensorrt-plan",)),
-    "openvino": ("edgeretina.runtime.backends.openvino", "OpenVinoRunner", ("openvino-ir", "onnx")),
-}
-
-
-def available_backends() -> list[str]:
-    return list(_BACKENDS)
-
-
-def formats_for(backend: str) -> tuple[str, ...]:
-    if backend not in _BACKENDS:
-        raise BackendError(f"unknown backend {backend!r} (choose {', '.join(_BACKENDS)})")
-    return _BACKENDS[backend][2]
-
-
-def create_runner(backend: str, model_path: Path, threads: int | None = None, device: str | None = None,
-                  settings: dict | None = None) -> Runner:
-    formats_for(backend)  # raises for an unknown name
-    module_name, class_name, _ = _BACKENDS[backend]
-    runner_cls = getattr(importlib.import_module(module_name), class_name)
-    return runner_cls(model_path, threads=threads, device=device, settings=settings)
+__all__ = ["Runner", "create_runner", "formats_for", "installed_backends", "is_installed", "registered_backends",
+           "model_artifact", "pick_backend", "rank_backends"]

@@ -1,6 +1,6 @@
 """One benchmark configuration (bundle x backend x threads x batch) in its own process.
 
-`python -m edgeretina.runtime.bench_worker --bundle B --backend X --threads T --batch N --images LIST`
+`python -m edgeretina.bench.worker --bundle B --backend X --threads T --batch N --images LIST`
 
 A process per configuration keeps peak memory honest (VmHWM is this process only) and keeps one
 backend's thread pools and caches away from the next. The worker loads the bundle, grades once cold,
@@ -9,7 +9,7 @@ alternate between configurations in rounds:
   {"op": "runs", "n": K}   -> {"latencies_ms": [...], "with_overlay_ms": [...], "stages": [{stage: ms per image}, ...]}
   {"op": "fidelity"}       -> {"files": [...], "grades": [...], "embeddings": [[...], ...]}
   {"op": "stop"}           -> {"peak_rss_mb": ...}
-The first line it writes is {"ready": ...} or {"error": "..."}. Torch-free, like the whole runtime.
+The first line it writes is {"ready": ...} or {"error": "..."}. Torch-free: it runs on the runtime alone.
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Iterator, TextIO
-
-import numpy as np
 
 
 def peak_rss_mb() -> float:
@@ -83,27 +81,9 @@ class Worker:
         return {"latencies_ms": latencies, "with_overlay_ms": with_overlay, "stages": stages}
 
     def fidelity(self) -> dict:
-        """Grades and embeddings of every gradable image, straight from the runner on the prepared
-        images (the records carry no embedding)."""
-        from edgeretina.preprocess import decode_image, detect_fov, normalize, prepare
-        from edgeretina.quality import assess_quality
-        from edgeretina.runtime.postprocess import grade_results
-
-        grader = self.grader
-        files, prepared = [], []
-        for path in self.images:
-            rgb = decode_image(path, grader.preprocess.decode_max_side)
-            fov = detect_fov(rgb)
-            if not assess_quality(rgb, fov).gradable:
-                continue
-            files.append(path)
-            prepared.append(prepare(rgb, grader.preprocess, fov)[0])
-        grades, embeddings = [], []
-        for start in range(0, len(prepared), self.batch):
-            outputs = grader.runner.run(normalize(np.stack(prepared[start:start + self.batch]), grader.preprocess))
-            grades += [r.grade for r in grade_results(outputs["ordinal_logits"], grader.grading)]
-            embeddings += outputs["embedding"].astype(np.float32).tolist()
-        return {"files": files, "grades": grades, "embeddings": embeddings}
+        """Grades and embeddings of every gradable image, from the grader's own pipeline."""
+        files, grades, embeddings = self.grader.grades_and_embeddings(self.images, batch_size=self.batch)
+        return {"files": files, "grades": grades, "embeddings": embeddings.tolist()}
 
 
 def _requests(stream: TextIO) -> Iterator[dict]:

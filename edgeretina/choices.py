@@ -1,0 +1,20 @@
+"""The fixed sets of values a user picks from, in one place the CLI can read without importing torch.
+
+The libraries that act on them validate against these tuples (export targets and their precisions, the
+gate's modes, training precisions); tests/test_cli_choices.py checks that each registry agrees.
+"""
+
+from __future__ import annotations
+
+EXPORT_TARGETS = ("onnx", "cpu", "openvino", "jetson")
+# What ExportConfig.precision may be per target (None: the target's default). cpu: "int8" measures the
+# schemes and ships the fastest faithful one; the others force one scheme.
+TARGET_PRECISIONS: dict[str, tuple[str, ...]] = {
+    "onnx": ("fp32",),
+    "cpu": ("int8", "int8-dynamic", "int8-static", "int8-dynamic-u8"),
+    "openvino": ("fp16", "int8"),
+    "jetson": ("fp16", "int8"),
+}
+EXPORT_PRECISIONS = tuple(dict.fromkeys(p for precisions in TARGET_PRECISIONS.values() for p in precisions))
+GATE_MODES = ("fail", "warn", "off")
+TRAINING_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
