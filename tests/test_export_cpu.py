@@ -123,7 +123,8 @@ def test_static_ranges_are_percentile_for_resnet_towers_and_minmax_otherwise():
     assert calibration_method(ctx("timm"), OrtInt8Options()) == "minmax"                # not measured there
     assert calibration_method(ctx("vit"), OrtInt8Options(calibration="percentile")) == "percentile"
     assert describe_calibration(ctx("resnet"), OrtInt8Options()) == {
-        "method": "Percentile", "percentile": 99.999, "symmetric": False, "histogram_bins": 2048, "chunk_images": 32}
+        "method": "Percentile", "percentile": 99.999, "symmetric": False, "histogram_bins": 2048, "chunk_images": 32,
+        "minmax_scopes": ["/attnpool/"]}
 
 
 def test_percentile_ranges_are_collected_chunk_by_chunk(onnx_bundle, tmp_path, monkeypatch):
@@ -156,6 +157,33 @@ def test_percentile_ranges_are_collected_chunk_by_chunk(onnx_bundle, tmp_path, m
     low, high = (float(v) for v in ranges["image"].range_value)
     assert images.min() <= low < 0 < high <= images.max() and low != -high       # asymmetric, all 20 images
     assert len(list(ranges.keys())) > 10
+
+
+def test_minmax_scopes_keep_minmax_ranges_for_the_tensors_they_name(onnx_bundle, tmp_path):
+    """The attention pool forms the embedding: its tensors keep MinMax ranges under percentile calibration."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    from edgeretina.export.graph import CalibrationReader
+
+    model = onnx_bundle / "model.onnx"
+    images = np.random.default_rng(1).normal(size=(12, 3, 64, 64)).astype(np.float32)
+    plain = calibration_ranges(model, images, OrtInt8Options(calibration_chunk=6, minmax_scopes=()), tmp_path)
+    names = sorted(plain.data)
+    named = names[len(names) // 2]
+    mixed = calibration_ranges(model, images, OrtInt8Options(calibration_chunk=6, minmax_scopes=(named,)), tmp_path)
+    calibrator = create_calibrator(model, None, calibrate_method=CalibrationMethod.MinMax,
+                                   augmented_model_path=str(tmp_path / "minmax.onnx"))
+    calibrator.collect_data(CalibrationReader(images))
+    minmax = calibrator.compute_data()
+    def bounds(ranges, name):
+        return [float(np.asarray(v).ravel()[0]) for v in ranges[name].range_value]
+
+    assert bounds(mixed, named) == bounds(minmax, named)
+    (low, high), (min_low, max_high) = bounds(plain, named), bounds(minmax, named)
+    assert min_low <= low and high <= max_high                     # percentile ranges lie inside MinMax's
+    for name in names:
+        if named not in name:
+            assert bounds(mixed, name) == bounds(plain, name), name
 
 
 def _candidate(scheme: str, ms: float, agreement: float, cosine: float, passed: bool) -> Candidate:

@@ -109,7 +109,8 @@ def test_int8_ir_from_the_cpu_targets_qdq_graph(tiny_checkpoint, phantom_test, t
     assert export_info["quantization"]["tool"].startswith("onnxruntime")
     assert export_info["quantization"]["calibration_images"] == 32
     assert export_info["quantization"]["calibration_method"] == {
-        "method": "Percentile", "percentile": 99.999, "symmetric": False, "histogram_bins": 2048, "chunk_images": 8}
+        "method": "Percentile", "percentile": 99.999, "symmetric": False, "histogram_bins": 2048, "chunk_images": 8,
+        "minmax_scopes": ["/attnpool/"]}
     assert "grade_agreement" in export_info["gate"]["openvino-int8"]["checks"]
     xml = (out / "model.xml").read_text()
     assert 'type="FakeQuantize"' in xml or 'element_type="i8"' in xml

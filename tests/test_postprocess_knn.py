@@ -132,9 +132,11 @@ def _assert_exact_top_k(neighbours, reference, query, k):
 
 @pytest.mark.parametrize("dtype", ["int8", "float16"])
 def test_int8_prefilter_stays_exact_on_a_bank_of_near_identical_rows(dtype):
-    """Two tight clusters: int8 codes scaled to the clusters' distance cannot tell a cluster's rows apart,
-    so the bound certifies nothing and every query is scored exhaustively, with the exact answer.
-    With the margin set to zero, the float16 bank returned rows outside the true top 10 for 9 of 20."""
+    """Two tight clusters. Stored as float16, the int8 prefilter codes (scaled to the clusters' distance)
+    cannot tell a cluster's rows apart: the storage residual dwarfs the gaps, the bound certifies nothing
+    and every query is scored exhaustively, with the exact answer (with the margin set to zero, all 20
+    queries got rows outside the true top 10). Stored as int8, the codes are the rows themselves and the
+    two-part query leaves a margin of ~1e-4: the first 64 candidates are certified."""
     rng = np.random.default_rng(7)
     centres = _unit(rng.normal(size=(2, 96)).astype(np.float32))
     rows = _unit(centres[np.arange(4_000) % 2] + 1e-3 * rng.normal(size=(4_000, 96)).astype(np.float32))
@@ -142,7 +144,22 @@ def test_int8_prefilter_stays_exact_on_a_bank_of_near_identical_rows(dtype):
     queries = _unit(rows[:20] + 1e-3 * rng.normal(size=(20, 96)).astype(np.float32))
     for query in queries:                                        # one at a time, as the grader asks
         _assert_exact_top_k(bank.search(query[None], 10)[0], reference, query, 10)
-    assert bank.scorer.fallbacks == len(queries)
+    assert bank.scorer.fallbacks == (len(queries) if dtype == "float16" else 0)
+
+
+def test_int8_prefilter_scores_are_exact_integers_at_the_extremes():
+    """The largest products the 7-bit query and the int8 codes can form. On x86 without VNNI (this suite
+    runs on AVX2 machines too) u8 x s8 pairs are summed in saturating int16: a query stored in all 8 bits
+    (255 next to 255 against 127, 127) would clip, and these scores would come out wrong."""
+    dim = 64
+    alternating = np.where(np.arange(dim) % 2 == 0, 127, -128)
+    codes = np.stack([np.full(dim, 127), np.full(dim, -128), alternating, -alternating.clip(-127)]).astype(np.int8)
+    bank = FeatureBank(codes, np.zeros(4), np.array(["a", "b", "c", "d"]), scales=np.ones(4), offset=np.zeros(dim))
+    for query in (np.ones((1, dim), np.float32), -np.ones((1, dim), np.float32)):   # codes +-63 -> uint8 127 / 1
+        approx = bank.scorer.session.run(None, {"query": query, "k": np.array([4], np.int64)})[0]
+        expected = codes.astype(np.int64) @ (np.sign(query[0]).astype(np.int64) * 63) / 63.0
+        np.testing.assert_allclose(approx[0], expected, rtol=1e-6, atol=1e-3)   # saturation is off by thousands
+    assert bank.search(np.ones((1, dim), np.float32), 1)[0][0].case_id == "a"
 
 
 def test_int8_prefilter_handles_banks_smaller_than_its_candidate_count():

@@ -62,10 +62,6 @@ def write_card_png(path: str | os.PathLike, graded: GradedImage,
     return write_png(path, render_card(graded, bank_thumbnails))
 
 
-def card_name(source: str, index: int) -> str:
-    return f"{index:05d}_{Path(source).stem}_card.png"
-
-
 def _panel(canvas: np.ndarray, graded: GradedImage, x: int, y: int) -> None:
     record = graded.record
     if record.error and record.grade is None:

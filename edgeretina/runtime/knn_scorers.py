@@ -4,14 +4,16 @@ A query against a 16,000 x 512 bank is memory-bound: numpy's float32 GEMV reads 
 on one thread of an AVX2-only AMD EPYC Zen 3 (1.5 ms on an AVX-512 Zen 4). The OpenVINO scorer this
 replaced (int8 codes decompressed to f32 inside a fully connected layer) took 1.2-1.7 ms on the Zen 3.
 
-`Int8PrefilterScorer` reads 8 MB instead: ONNX Runtime's MatMulInteger scores the query, quantized to
-int8, against int8 codes of the bank's rows (U8U8 with zero points 128: MLAS's U8U8 path widens to int16
-and never saturates, so the integer scores are the same on AVX2, AVX-512, VNNI and AMX), keeps the best
+`Int8PrefilterScorer` reads 8 MB instead: ONNX Runtime's MatMulInteger scores the query, quantized in
+two 7-bit parts, against int8 codes of the bank's rows (U8S8 whose pair sums cannot saturate, so the integer
+scores are the same on AVX2, AVX-512, VNNI and AMX: _prefilter_graph), keeps the best
 `candidates` rows, and re-scores those exactly in float32 from the stored rows. A bound on the prefilter's
 error then proves that no row outside the candidates can be among the top k; where the proof fails (a
 bank of near-identical rows) that query is scored exhaustively. So the neighbours and similarities are
 always those of the exhaustive float32 search, as `NumpyScorer` computes them, to float rounding.
-Zen 3 AVX2, one thread, 16,000 x 512, top 10: 0.6 ms against numpy's 1.8 ms (benchmarks/knn.py).
+Zen 3 AVX2, one thread, 16,000 x 512, top 10 (benchmarks/knn.py, three runs): 0.96-1.20 ms against
+numpy's 1.63-1.96 ms, int8 or float16 bank alike. That is reading 8 MB from memory (an 8 MB memcpy took
+0.85 ms on that VM at the time); with the bank left in the L3 cache the matrix product takes 0.3 ms.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from edgeretina.bank_storage import dequantize_rows, quantize_rows_int8
 from edgeretina.runtime.onnx_wire import Node, ValueInfo, model_bytes
 
 # Candidates re-scored exactly, (at least, times k) per stage; the first comes from TopK in the graph, the
-# second (numpy's argpartition of the scores) only when the first cannot be certified. Zen 3 AVX2, random
-# 16,000 x 512 float16 bank, 470 queries: with 64 candidates only, 42 fell back to the exhaustive search.
-# TopK(64) costs ~0.01 ms in the graph, TopK(256) 0.3 ms: hence the small first stage.
+# second (numpy's argpartition of the scores) only when the first cannot be certified. TopK(64) costs
+# ~0.01 ms in the graph, TopK(256) 0.3 ms: hence the small first stage. Random 16,000 x 512 float16 bank:
+# with a one-part 7-bit query 58% of queries needed the second stage, with the two-part query none.
 STAGES = ((64, 4), (1024, 16))
+QUERY_STEPS = 63           # each 7-bit part of the query: codes in [-63, 63], stored as uint8 [1, 127] around 64
+QUERY_ZERO = 64
 _CHUNK_ROWS = 4096         # rows converted to float32 at a time (load-time quantization, exhaustive fallback)
 _FLOAT_SLACK = 1e-5        # float32 rounding of the scores on both sides of the bound
 
@@ -129,6 +133,21 @@ class Int8PrefilterScorer:
         return values[0], index[0]
 
 
+def _seven_bit_part(source: str, tag: str) -> list[Node]:
+    """Nodes quantizing `source` to codes in [-63, 63] with one scale (`scale_<tag>`): the uint8 codes
+    around 64 (`q8_<tag>`) and their dequantized value (`part<tag>`)."""
+    return [Node("Abs", (source,), (f"abs_{tag}",)),
+            Node("ReduceMax", (f"abs_{tag}",), (f"max_{tag}",), {"keepdims": 0}),
+            Node("Max", (f"max_{tag}", "tiny"), (f"max_safe_{tag}",)),
+            Node("Div", (f"max_safe_{tag}", "steps"), (f"scale_{tag}",)),
+            Node("Div", (source, f"scale_{tag}"), (f"scaled_{tag}",)),
+            Node("Round", (f"scaled_{tag}",), (f"rounded_{tag}",)),
+            Node("Clip", (f"rounded_{tag}", "low", "high"), (f"codes_{tag}",)),
+            Node("Mul", (f"codes_{tag}", f"scale_{tag}"), (f"part{tag}",)),
+            Node("Add", (f"codes_{tag}", "q_zero_float"), (f"shifted_{tag}",)),
+            Node("Cast", (f"shifted_{tag}",), (f"q8_{tag}",), {"to": 2})]
+
+
 def _best_first(scores: np.ndarray, count: int) -> np.ndarray:
     """Indices of the `count` largest scores, largest first."""
     index = np.argpartition(scores, len(scores) - count)[len(scores) - count:] if count < len(scores) \
@@ -169,33 +188,45 @@ def _prefilter_graph(codes: np.ndarray, scales: np.ndarray, offset: np.ndarray) 
     """query float [B, D], k -> approximate similarities [B, N] (without the offset) and the k best, best
     first, with what the margin needs per query: |q - q'|^2, |q|^2 and q . offset.
 
-    DynamicQuantizeLinear quantizes the query (uint8, asymmetric, one scale per call); q' is its
-    dequantized value, so approx_i = q' . b_i with b_i = codes_i * scale_i. With the storage residual
+    The query is quantized in two 7-bit parts, q' = s1 c1 + s2 c2 (c1 = round(q / s1), c2 = round of what
+    is left over s2; |c| <= 63, one pair of scales per call), about 13 bits in all. Both parts go through
+    one MatMulInteger as a [2B, D] uint8 batch stored around 64: ONNX Runtime runs U8S8 against the bank's
+    own int8 codes, and since x86 without VNNI sums u8 x s8 pairs with vpmaddubsw into saturating int16,
+    2 x 127 x 128 = 32512 keeps it exact: the integer scores are the same on AVX2, AVX-512, VNNI and AMX.
+    Zen 3 AVX2, 16,000 x 512, one thread: U8S8 0.73 ms against U8U8 0.86 (the other exact choice); the
+    second row adds 0.06 ms (the bank is read once) and shrinks the query's share of the margin ~60x, so
+    a float16 bank's first 64 candidates are certified instead of 58% of queries needing the second stage
+    with one 7-bit part. approx_i = q' . b_i with b_i = codes_i * scale_i; with the storage residual
     d_i = row_i - offset - b_i (zero for an int8 bank), exact_i = q . b_i + q . d_i + q . offset, so
-    exact_i <= approx_i + |q - q'| max|b| + |q| max|d| + q . offset for every row.
-    The bank is a constant initializer, so ONNX Runtime pre-packs it once (fed as a graph input it is
-    re-packed on every call: 2.5 ms instead of 0.6)."""
+    exact_i <= approx_i + |q - q'| max|b| + |q| max|d| + q . offset for every row. The bank is a constant
+    initializer, so ONNX Runtime pre-packs it once (as a graph input it is re-packed on every call:
+    2.5 ms instead of 0.6)."""
     count, dim = codes.shape
-    bank = np.ascontiguousarray(codes.T).view(np.uint8) ^ np.uint8(0x80)    # int8 + 128, as uint8 [D, N]
     to_float = {"to": 1}
-    nodes = [Node("DynamicQuantizeLinear", ("query",), ("q8", "q_scale", "q_zero")),
+    nodes = [*_seven_bit_part("query", "1"), Node("Sub", ("query", "part1"), ("left_over",)),
+             *_seven_bit_part("left_over", "2"),
+             Node("Concat", ("q8_1", "q8_2"), ("q8",), {"axis": 0}),
              Node("MatMulInteger", ("q8", "bank", "q_zero", "zero"), ("dot",)),
              Node("Cast", ("dot",), ("dot_float",), to_float),
-             Node("Mul", ("dot_float", "scales"), ("dot_rows",)),
-             Node("Mul", ("dot_rows", "q_scale"), ("approx",)),
+             Node("Split", ("dot_float",), ("dot_1", "dot_2"), {"axis": 0}),
+             Node("Mul", ("dot_1", "scale_1"), ("dot_scaled_1",)),
+             Node("Mul", ("dot_2", "scale_2"), ("dot_scaled_2",)),
+             Node("Add", ("dot_scaled_1", "dot_scaled_2"), ("dot_query",)),
+             Node("Mul", ("dot_query", "scales"), ("approx",)),
              Node("TopK", ("approx", "k"), ("top_values", "top_index"), {"axis": 1, "largest": 1, "sorted": 1}),
-             Node("Cast", ("q8",), ("q8_float",), to_float),
-             Node("Cast", ("q_zero",), ("q_zero_float",), to_float),
-             Node("Sub", ("q8_float", "q_zero_float"), ("q_centred",)),
-             Node("Mul", ("q_centred", "q_scale"), ("q_dequantized",)),
+             Node("Add", ("part1", "part2"), ("q_dequantized",)),
              Node("Sub", ("query", "q_dequantized"), ("q_error",)),
              Node("Mul", ("q_error", "q_error"), ("q_error_sq",)),
              Node("MatMul", ("q_error_sq", "ones"), ("error_sq",)),
              Node("Mul", ("query", "query"), ("query_sq",)),
              Node("MatMul", ("query_sq", "ones"), ("norm_sq",)),
              Node("MatMul", ("query", "offset"), ("dot_offset",))]
-    initializers = {"bank": bank, "scales": scales, "zero": np.array(128, np.uint8),
-                    "ones": np.ones((dim, 1), np.float32), "offset": offset.astype(np.float32)[:, None]}
+    float32 = np.float32
+    initializers = {"bank": np.ascontiguousarray(codes.T), "scales": scales, "zero": np.array(0, np.int8),
+                    "q_zero": np.array(QUERY_ZERO, np.uint8), "q_zero_float": np.array(QUERY_ZERO, float32),
+                    "steps": np.array(QUERY_STEPS, float32), "low": np.array(-QUERY_STEPS, float32),
+                    "high": np.array(QUERY_STEPS, float32), "tiny": np.array(1e-30, float32),
+                    "ones": np.ones((dim, 1), float32), "offset": offset.astype(float32)[:, None]}
     per_query = ("batch", 1)
     return model_bytes(nodes, initializers,
                        inputs=[ValueInfo("query", np.float32, ("batch", dim)), ValueInfo("k", np.int64, (1,))],

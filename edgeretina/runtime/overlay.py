@@ -37,8 +37,3 @@ def write_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:
     if not ok:
         raise EdgeRetinaError(f"could not encode {path} as PNG")
     return write_bytes_atomic(path, encoded.tobytes())
-
-
-def overlay_name(source: str, index: int) -> str:
-    """A unique, readable file name per input (two inputs may share a stem in different folders)."""
-    return f"{index:05d}_{Path(source).stem}_saliency.png"
