@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgeretina.choices import BANK_DTYPES
 from edgeretina.errors import ConfigError
-
-BANK_DTYPES = ("float16", "int8")
 
 
 def quantize_rows_int8(embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

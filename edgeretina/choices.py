@@ -1,7 +1,8 @@
 """The fixed sets of values a user picks from, in one place the CLI can read without importing torch.
 
 The libraries that act on them validate against these tuples (export targets and their precisions, the
-gate's modes, training precisions); tests/test_cli_choices.py checks that each registry agrees.
+gate's modes, training precisions, bank dtypes, backends); tests/test_cli_choices.py checks that each
+registry agrees. Importing this module costs nothing: the CLI reads it on every start.
 """
 
 from __future__ import annotations
@@ -18,3 +19,5 @@ TARGET_PRECISIONS: dict[str, tuple[str, ...]] = {
 EXPORT_PRECISIONS = tuple(dict.fromkeys(p for precisions in TARGET_PRECISIONS.values() for p in precisions))
 GATE_MODES = ("fail", "warn", "off")
 TRAINING_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+BANK_DTYPES = ("float16", "int8")                      # bank.npz on disk (bank_storage.py)
+BACKENDS = ("onnxruntime", "tensorrt", "openvino")     # runtime/backends/registry.py maps each to its runner

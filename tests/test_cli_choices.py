@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import get_args
 
+import numpy as np
 import pytest
 
 from edgeretina import choices
@@ -26,6 +27,8 @@ def test_the_libraries_accept_exactly_the_listed_values():
     from edgeretina.export.quantize_ort import PRECISION_SCHEMES
     from edgeretina.export.steps import GateMode
     from edgeretina.export.targets import TARGETS
+    from edgeretina.bank_storage import stored_embeddings
+    from edgeretina.runtime.backends import registered_backends
     from edgeretina.training.precision import PRECISIONS
 
     assert set(TARGETS) == set(choices.EXPORT_TARGETS)
@@ -33,6 +36,17 @@ def test_the_libraries_accept_exactly_the_listed_values():
     assert tuple(OPENVINO_PRECISIONS) == choices.TARGET_PRECISIONS["openvino"]
     assert get_args(GateMode) == choices.GATE_MODES
     assert PRECISIONS == choices.TRAINING_PRECISIONS
+    assert tuple(registered_backends()) == choices.BACKENDS
+    assert stored_embeddings(np.ones((2, 3), np.float32), choices.BANK_DTYPES[-1])["embeddings"].dtype == np.int8
+
+
+def test_the_cli_starts_without_numpy_torch_or_a_backend():
+    """`edgeretina --help` on a camera: the option lists come from edgeretina.choices, nothing heavy."""
+    code = ("import sys, edgeretina.cli; edgeretina.cli._register(); "
+            "print(sorted(m for m in ('numpy', 'torch', 'onnxruntime', 'openvino', 'cv2') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("target, precision", [("onnx", "int8"), ("cpu", "fp16"), ("openvino", "int8-static")])
