@@ -61,14 +61,14 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Manifest":
         version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version != SCHEMA_VERSION or isinstance(version, bool):   # True == 1 in Python
             raise BundleError(f"unknown manifest schema_version {version!r} (this edgeretina reads {SCHEMA_VERSION})")
         required = ("model", "outputs", "grading", "saliency", "artifacts", "export")
         missing = [key for key in required if key not in data]
         if missing:
             raise BundleError(f"manifest is missing {', '.join(missing)}")
         try:
-            artifacts = [Artifact(**a) for a in data["artifacts"]]
+            artifacts = [_artifact(a) for a in data["artifacts"]]
         except TypeError as exc:
             raise BundleError(f"malformed artifact entry in manifest: {exc}") from None
         known = {f for f in cls.__dataclass_fields__}
@@ -112,6 +112,20 @@ def _parse_section(name: str, parse: Callable[[Any], Any], data: Any):
         raise BundleError(f"manifest section {name} is missing {exc}") from None
     except (ValueError, TypeError, ConfigError) as exc:
         raise BundleError(f"manifest section {name} is malformed: {exc}") from None
+
+
+_ARTIFACT_TYPES = {"file": str, "format": str, "role": str, "precision": str, "target": str, "sha256": str,
+                   "bytes": int}
+
+
+def _artifact(entry: Any) -> Artifact:
+    """One manifest artifact entry, its fields type-checked (TypeError: the caller says which entry)."""
+    artifact = Artifact(**entry)
+    for name, kind in _ARTIFACT_TYPES.items():
+        value = getattr(artifact, name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise TypeError(f"{name} must be {kind.__name__}, not {type(value).__name__} ({value!r})")
+    return artifact
 
 
 @dataclass
@@ -172,8 +186,35 @@ def load_bundle(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
 
 def verify_bundle(bundle: Bundle) -> None:
     problems = [p for art in bundle.manifest.artifacts if (p := artifact_problem(bundle.root, art))]
+    problems += _unlisted_references(bundle.manifest)
     if problems:
         raise BundleError("bundle verification failed: " + "; ".join(problems))
+
+
+def _unlisted_references(manifest: Manifest) -> list[str]:
+    """Files other manifest sections name (the feature bank, the verification reference set) must be
+    artifacts, whose names and sha256 were just checked: else the runtime would read an unverified file,
+    possibly one outside the bundle."""
+    listed = {art.file for art in manifest.artifacts}
+    named = {"bank file": _field(manifest.bank, "file"),
+             "reference set": _field(manifest.export.get("verify") if isinstance(manifest.export, dict) else None,
+                                     "reference_set")}
+    problems = []
+    for what, name in named.items():
+        if name is None:
+            continue
+        try:
+            _safe_name(str(name))
+        except BundleError as exc:
+            problems.append(f"{what}: {exc}")
+            continue
+        if name not in listed:
+            problems.append(f"{what} {name!r} is not one of the bundle's verified artifacts")
+    return problems
+
+
+def _field(section: Any, key: str) -> Any:
+    return section.get(key) if isinstance(section, dict) else None
 
 
 def artifact_problem(root: Path, art: Artifact) -> str | None:
@@ -213,13 +254,21 @@ def zip_bundle(root: Path, out: Path) -> Path:
 
 
 def _extract_zip(path: Path) -> Path:
+    """Unpack a zipped bundle to a private temp dir that lives as long as the process. Member names are
+    checked before anything is written; a zip that cannot be unpacked leaves nothing behind."""
     if not zipfile.is_zipfile(path):
         raise BundleError(f"{path} is neither a bundle directory nor a zip file")
     target = Path(tempfile.mkdtemp(prefix="edgeretina-bundle-"))
-    with zipfile.ZipFile(path) as zf:
-        for name in zf.namelist():
-            _safe_name(name.rstrip("/"))
-        zf.extractall(target)
-    # A zipped bundle is unpacked to a private temp dir that lives as long as the process.
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for name in zf.namelist():
+                _safe_name(name.rstrip("/"))
+            zf.extractall(target)
+    except BundleError:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:   # corrupt member, or a name clash with a file
+        shutil.rmtree(target, ignore_errors=True)
+        raise BundleError(f"{path.name} cannot be unpacked as a bundle: {exc}") from None
     atexit.register(shutil.rmtree, target, True)
     return target
