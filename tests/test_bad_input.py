@@ -127,7 +127,11 @@ def test_every_bad_file_gets_a_specific_answer_and_the_batch_goes_on(grader, pho
         assert record.grade == good.grade
         assert record.probabilities == pytest.approx(good.probabilities, abs=1e-5)
     for name in (*DECODED_FINE, "good.jpg"):
-        assert records[name].error is None and records[name].screening is not None, name
+        record = records[name]
+        assert record.error is None, name
+        # decoded fine: the screening answer follows the record's own gradability and referable decision
+        expected = ("referable" if record.referable else "negative") if record.gradable else "ungradable"
+        assert record.screening == expected, (name, record.screening, record.gradable, record.referable)
     for name, reason in UNGRADABLE.items():
         record = records[name]
         assert record.error is None and record.gradable is False, name

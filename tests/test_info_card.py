@@ -142,3 +142,9 @@ def test_grade_writes_cards_beside_overlays(onnx_bundle, phantom_test, tmp_path)
     assert len(cards) == 3
     for card in cards:
         _read_png(card)
+    # beside them, one overlay per photo, named like its card and drawn on the original photograph
+    overlays = sorted((tmp_path / "overlays").glob("*_saliency.png"))
+    assert [o.name.replace("_saliency", "_card") for o in overlays] == [c.name for c in cards]
+    assert [r.overlay for r in records] == [str(o) for o in overlays]
+    for overlay, photo in zip(overlays, photos):
+        assert _read_png(overlay).shape[:2] == cv2.imread(str(photo)).shape[:2]
