@@ -32,12 +32,15 @@ def read_labels(csv_path: str | Path, *, check_files: bool = True) -> list[Label
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DatasetError(f"labels file not found: {csv_path}")
-    with open(csv_path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DatasetError(f"{csv_path}: missing column(s) {', '.join(missing)}")
-        rows = [_parse_row(csv_path, line, row, check_files) for line, row in enumerate(reader, start=2)]
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise DatasetError(f"{csv_path}: missing column(s) {', '.join(missing)}")
+            rows = [_parse_row(csv_path, line, row, check_files) for line, row in enumerate(reader, start=2)]
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{csv_path} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as UTF-8") from None
     if not rows:
         raise DatasetError(f"{csv_path}: no rows")
     return rows
@@ -50,6 +53,8 @@ def _parse_row(csv_path: Path, line: int, row: dict[str, str], check_files: bool
         raise DatasetError(f"{csv_path}:{line}: grade {row['grade']!r} is not an integer") from None
     if not 0 <= grade < NUM_GRADES:
         raise DatasetError(f"{csv_path}:{line}: grade {grade} outside 0..{NUM_GRADES - 1}")
+    if not row.get("path"):                      # a short row leaves the field None
+        raise DatasetError(f"{csv_path}:{line}: no image path")
     path = (csv_path.parent / row["path"]).resolve()
     if check_files and not path.is_file():
         raise DatasetError(f"{csv_path}:{line}: image not found: {path}")
