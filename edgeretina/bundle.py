@@ -186,15 +186,15 @@ def load_bundle(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
 
 def verify_bundle(bundle: Bundle) -> None:
     problems = [p for art in bundle.manifest.artifacts if (p := artifact_problem(bundle.root, art))]
-    problems += _unlisted_references(bundle.manifest)
+    problems += reference_problems(bundle.manifest)
     if problems:
         raise BundleError("bundle verification failed: " + "; ".join(problems))
 
 
-def _unlisted_references(manifest: Manifest) -> list[str]:
+def reference_problems(manifest: Manifest) -> list[str]:
     """Files other manifest sections name (the feature bank, the verification reference set) must be
-    artifacts, whose names and sha256 were just checked: else the runtime would read an unverified file,
-    possibly one outside the bundle."""
+    artifacts, whose names and sha256 are checked: else the runtime would read an unverified file, possibly
+    one outside the bundle. The one rule for load_bundle and `edgeretina info`."""
     listed = {art.file for art in manifest.artifacts}
     named = {"bank file": _field(manifest.bank, "file"),
              "reference set": _field(manifest.export.get("verify") if isinstance(manifest.export, dict) else None,

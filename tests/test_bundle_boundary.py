@@ -253,6 +253,10 @@ def test_files_other_sections_name_must_be_verified_artifacts(tmp_path):
     bank = _rewrite(root, lambda m: m.update(bank={"file": "other.npz"}))
     with pytest.raises(BundleError, match="bank file 'other.npz' is not one of the bundle's verified artifacts"):
         load_bundle(bank)
+    from edgeretina.runtime.info import inspect_bundle
+
+    info = inspect_bundle(bank, trust=None)            # `edgeretina info` says so too, not "verified ✓"
+    assert not info.verified and "bank file 'other.npz' is not one of" in "; ".join(info.problems)
     reference = _rewrite(_build(tmp_path / "c"), lambda m: m["export"].update(verify={"reference_set": "../r.npz"}))
     with pytest.raises(BundleError, match="reference set: artifact name '../r.npz' points outside the bundle"):
         load_bundle(reference)

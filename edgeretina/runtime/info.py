@@ -11,7 +11,8 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
-from edgeretina.bundle import SCHEMA_VERSION, Artifact, Bundle, Manifest, artifact_problem, load_bundle
+from edgeretina.bundle import (SCHEMA_VERSION, Artifact, Bundle, Manifest, artifact_problem, load_bundle,
+                               reference_problems)
 from edgeretina.errors import BackendError, BundleError
 from edgeretina.runtime.backends import is_installed, model_artifact, registered_backends
 from edgeretina.runtime.verify import verified_here
@@ -77,7 +78,7 @@ def inspect_bundle(path: str | os.PathLike,
                       edgeretina_version=manifest.edgeretina_version, created=manifest.created,
                       model=manifest.model, outputs=manifest.outputs, grading=manifest.grading, bank=manifest.bank,
                       export=manifest.export, artifacts=checks, backends=_backends_for(manifest),
-                      problems=[c.problem for c in checks if c.problem]
+                      problems=[c.problem for c in checks if c.problem] + reference_problems(manifest)
                       + ([signature.reason] if signature.trusted is False else []),
                       signature=signature, exported_on=(manifest.export.get("verify") or {}).get("exported_on", {}),
                       verified_here=[_verification_summary(entry) for entry in verified_here(bundle)])
