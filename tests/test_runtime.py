@@ -188,3 +188,20 @@ def test_a_picture_that_cannot_be_written_keeps_the_grade(grader, bad_files, tmp
     assert records[0].grade is not None and records[0].overlay is None
     assert records[0].error.startswith("graded, but the overlay could not be written")
     assert len(list((tmp_path / "cards").glob("*_card.png"))) == 1       # the card is still written
+
+
+def test_when_both_pictures_fail_the_record_names_both_and_the_table_keeps_the_grade(grader, bad_files, tmp_path):
+    from edgeretina.runtime.batch import grade_paths
+    from edgeretina.runtime.report import one_line, summary_cells
+
+    (tmp_path / "overlays").write_text("a file where the overlay folder should be")
+    (tmp_path / "cards").write_text("a file where the card folder should be")
+    record = grade_paths(grader, [bad_files[0]], overlays=tmp_path / "overlays", cards=tmp_path / "cards")[0]
+    assert record.grade is not None and record.screening in ("negative", "referable")
+    first, second = record.error.split("; ")
+    assert first.startswith("graded, but the overlay could not be written: ")
+    assert second.startswith("the report card could not be written: ")
+    result, what, referable = summary_cells(record.to_dict())
+    assert result == record.screening and referable == f"{record.referable_probability:.3f}"
+    assert what == f"{record.grade} {record.grade_name} ({record.error})"
+    assert one_line("cam/x.jpg", record.to_dict()).startswith(f"cam/x.jpg: {record.screening} {record.grade} ")

@@ -9,15 +9,20 @@ import numpy as np
 
 from edgeretina.dataset import read_labels
 from edgeretina.errors import ConfigError, EdgeRetinaError
-from edgeretina.preprocess import list_images
+from edgeretina.preprocess import decode_image, list_images
+
+MAX_CHECK_SIDE = 512   # decode just enough to prove the file is whole (libjpeg's DCT scaling makes it cheap)
 
 
 def resolve_images(images: Path | None, scratch: Path, count: int, size: int) -> list[Path]:
     """A folder's images (subfolders included, like export's reference set), a labels.csv's images, or
-    `count` phantom photographs rendered once into scratch. Raises ConfigError when there are none."""
+    `count` phantom photographs rendered once into scratch. Raises ConfigError when the path is missing,
+    holds no images, or holds files that do not decode (DatasetError for a malformed labels.csv)."""
     if images is None:
         return render_phantom_images(scratch, count, size)
     images = Path(images)
+    if not images.exists():
+        raise ConfigError(f"--images not found: {images}")
     if images.is_dir():
         found = list_images(images)
     elif images.suffix.lower() == ".csv":
@@ -26,7 +31,23 @@ def resolve_images(images: Path | None, scratch: Path, count: int, size: int) ->
         raise ConfigError(f"--images must be a folder of images or a labels.csv, got {images}")
     if not found:
         raise ConfigError(f"no images in {images}")
+    _refuse_undecodable(found)
     return found
+
+
+def _refuse_undecodable(paths: list[Path]) -> None:
+    """A file that does not decode would be timed as its error record (a decode attempt, no model) and
+    pull the latencies down while the row still says it graded that many images; it is refused instead.
+    One decode per image: less than the fidelity pass, which grades every image once per configuration."""
+    bad = []
+    for path in paths:
+        try:
+            decode_image(path, MAX_CHECK_SIDE)
+        except EdgeRetinaError as exc:
+            bad.append(str(exc))
+    if bad:
+        shown = "; ".join(bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise ConfigError(f"--images: {len(bad)} of {len(paths)} file(s) do not decode: {shown}")
 
 
 def render_phantom_images(folder: Path, count: int, size: int) -> list[Path]:

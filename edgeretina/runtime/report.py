@@ -42,12 +42,15 @@ def write_csv(path: str | os.PathLike, records: Sequence[GradeRecord]) -> None:
 
 def summary_cells(record: dict) -> tuple[str, str, str]:
     """A record for people, as (result, what, P(referable)): the one rendering behind `grade`'s table and
-    `watch`'s line per photograph."""
-    if record.get("error"):
-        return "error", str(record["error"]), ""
+    `watch`'s line per photograph. A record that was graded but whose pictures failed keeps its result,
+    with the failure beside it."""
+    error = record.get("error")
+    if error and record.get("screening") is None:
+        return "error", str(error), ""
+    note = f" ({error})" if error else ""
     if record.get("gradable") is False:
-        return "ungradable", ", ".join((record.get("quality") or {}).get("reasons", [])), ""
-    return (str(record["screening"]), f"{record['grade']} {record['grade_name']}",
+        return "ungradable", ", ".join((record.get("quality") or {}).get("reasons", [])) + note, ""
+    return (str(record["screening"]), f"{record['grade']} {record['grade_name']}{note}",
             f"{record['referable_probability']:.3f}")
 
 

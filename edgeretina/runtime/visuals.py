@@ -46,5 +46,7 @@ def _written(graded: GradedImage, what: str, write, target: Path) -> bool:
         write()
         return True
     except (EdgeRetinaError, OSError) as exc:
-        graded.record.error = f"graded, but the {what} could not be written: {exc}"
+        note = f"the {what} could not be written: {exc}"
+        earlier = graded.record.error      # the overlay's failure, when the card fails too: keep both
+        graded.record.error = f"{earlier}; {note}" if earlier else f"graded, but {note}"
         return False

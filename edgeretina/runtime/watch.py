@@ -9,7 +9,10 @@ camera that pauses; it is retried until it has stayed unchanged and undecodable 
 State: ``OUT/results.jsonl`` is the only state. Each record carries ``source`` = (relative path, bytes,
 mtime_ns); on start the set of those keys is read back. A separate state file would be a second
 commit point that can disagree with the results after a crash; with one file, "recorded" and "done"
-are the same event. A rewritten file (new size/mtime) is a new photograph and is graded again.
+are the same event. A rewritten file (new size/mtime) is a new photograph and is graded again; the
+earlier record stays, and the new version's overlay and card get names of their own (``<stem>@<mtime_ns>``),
+so every record's pictures show the photograph it graded. Lines of results.jsonl that are not our records
+(other tools' notes, binary junk) name no image: they are skipped, and kept.
 
 Appending: one ``os.write`` of a complete line to an ``O_APPEND`` descriptor, then ``fsync``. A crash
 can at worst leave a torn last line (no newline); it is cut off on the next start and that image is
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import signal
 import threading
@@ -32,6 +36,7 @@ from typing import Callable, Iterator
 from edgeretina.errors import ConfigError, EdgeRetinaError
 from edgeretina.dataset import IMAGE_SUFFIXES
 from edgeretina.runtime.grader import GradedImage, Grader
+from edgeretina.runtime.verify import VERIFY_MODES
 from edgeretina.runtime.visuals import path_stem, write_visuals
 from edgeretina.signing import TrustList
 
@@ -57,10 +62,16 @@ class WatchConfig:
 
     def __post_init__(self) -> None:
         self.folder, self.bundle, self.out = Path(self.folder), Path(self.bundle), Path(self.out)
-        if not self.interval > 0:
-            raise ConfigError(f"interval must be positive, got {self.interval}")
-        if self.undecodable_grace_s < 0:
-            raise ConfigError("undecodable_grace_s must not be negative")
+        # inf would reach Event.wait (OverflowError after the first poll); NaN compares false everywhere
+        if not _is_number(self.interval) or not 0 < self.interval < math.inf:
+            raise ConfigError(f"interval must be a positive, finite number of seconds, got {self.interval!r}")
+        if not _is_number(self.undecodable_grace_s) or not self.undecodable_grace_s >= 0:
+            raise ConfigError(f"undecodable_grace_s must be a number of seconds >= 0, got {self.undecodable_grace_s!r}")
+        # 0 would never fill a batch: every ready file would go into one unbounded batch
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if self.verify not in VERIFY_MODES:   # before the bundle is loaded, not after
+            raise ConfigError(f"verify must be one of {', '.join(VERIFY_MODES)}, not {self.verify!r}")
 
 
 @dataclass(frozen=True)
@@ -106,12 +117,14 @@ class Watcher:
         self.results = config.out / RESULTS_NAME
         self._last_seen: dict[str, FileKey] = {}
         self._undecodable_since: dict[FileKey, float] = {}
+        self._recorded_paths: set[str] = set()   # paths with a record (of any version) in results.jsonl
 
     def run(self, stop: threading.Event, on_record: Callable[[dict], None] | None = None) -> WatchSummary:
         self.config.out.mkdir(parents=True, exist_ok=True)
         summary = WatchSummary()
         with _exclusive_lock(self.config.out / LOCK_NAME):
             done = load_done_keys(self.results)
+            self._recorded_paths = {key.path for key in done}
             fd = os.open(self.results, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
                 while not stop.is_set():
@@ -123,6 +136,7 @@ class Watcher:
                     for record in self._grade(ready, stop, final=self.config.once):
                         append_line(fd, record)
                         done.add(_key_of(record))
+                        self._recorded_paths.add(record["source"]["path"])
                         summary.graded += 1
                         summary.errors += bool(record.get("error"))
                         summary.records.append(record)
@@ -181,7 +195,13 @@ class Watcher:
         return time.monotonic() - first < self.config.undecodable_grace_s
 
     def _write_images(self, graded: GradedImage, key: FileKey) -> None:
-        write_visuals(graded, path_stem(key.path), self.config.out / "overlays", self.config.out / "cards")
+        write_visuals(graded, self._picture_stem(key), self.config.out / "overlays", self.config.out / "cards")
+
+    def _picture_stem(self, key: FileKey) -> str:
+        """The path's stem; a later version of a file already recorded adds its mtime, so the earlier
+        record's pictures are not replaced by pictures of another photograph."""
+        stem = path_stem(key.path)
+        return f"{stem}@{key.mtime_ns}" if key.path in self._recorded_paths else stem
 
 
 def load_done_keys(results: Path) -> set[FileKey]:
@@ -190,12 +210,24 @@ def load_done_keys(results: Path) -> set[FileKey]:
         return set()
     repair_torn_tail(results)
     keys = set()
-    for line in results.read_text(encoding="utf-8").splitlines():
-        try:
-            keys.add(_key_of(json.loads(line)))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue   # not one of our records; it names no image, so skipping it loses nothing
+    for line in results.read_bytes().splitlines():
+        key = _recorded_key(line)
+        if key is not None:   # else not one of our records: it names no image, so skipping it loses nothing
+            keys.add(key)
     return keys
+
+
+def _recorded_key(line: bytes) -> FileKey | None:
+    """The source key of one of our records, or None for any other line (not UTF-8, not JSON, not an
+    object, no source, or a source whose fields are not the types we write)."""
+    try:
+        source = json.loads(line.decode("utf-8"))["source"]
+        path, size, mtime_ns = source["path"], source["bytes"], source["mtime_ns"]
+    except (ValueError, KeyError, TypeError):   # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None
+    if not isinstance(path, str) or not all(isinstance(v, int) and not isinstance(v, bool) for v in (size, mtime_ns)):
+        return None
+    return FileKey(path, size, mtime_ns)
 
 
 def repair_torn_tail(results: Path) -> bool:
@@ -219,6 +251,10 @@ def append_line(fd: int, record: dict) -> None:
 def _key_of(record: dict) -> FileKey:
     source = record["source"]
     return FileKey(str(source["path"]), int(source["bytes"]), int(source["mtime_ns"]))
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _now() -> str:
