@@ -155,8 +155,8 @@ _DARK_LEVEL = 20
 _SATURATED_LEVEL = 250
 # Band edges (Gaussian sigmas) in pixels of a 512 px FOV diameter; scaled with the actual working
 # diameter so that focus measures blur relative to the eye, not to the sensor: the sharp reference
-# reads 0.53 +- 0.01 whether it is 1411, 400 or 192 px across, and a given optical blur reads the
-# same at every resolution.
+# reads 0.52 +- 0.012 whether it is 1411, 700, 400 or 192 px across (0.520 / 0.531 / 0.508 / 0.527 at
+# the 384 px working diameter), and a given optical blur reads about the same at every resolution.
 _FINE, _MID, _COARSE = 1.5, 3.0, 12.0
 
 

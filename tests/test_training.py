@@ -88,7 +88,6 @@ def test_bad_checkpoint_is_refused(tmp_path):
 
 
 def test_schedule_fits_the_time_budget():
-    import time as _time
     from edgeretina.training.loop import _WarmupCosine, _epochs_within_budget
 
     schedule = _WarmupCosine(total_steps=100, warmup_fraction=0.1)
@@ -96,10 +95,17 @@ def test_schedule_fits_the_time_budget():
     assert schedule(99) < 0.01
     schedule.total_steps = 50                        # shortened: the decay now ends at step 50
     assert schedule(49) < 0.01 < schedule(30)
-    deadline = _time.perf_counter() + 100.0
-    assert _epochs_within_budget(30, epoch_seconds=20.0, deadline=deadline) == 5
-    assert _epochs_within_budget(3, epoch_seconds=1.0, deadline=deadline) == 3
-    assert _epochs_within_budget(30, epoch_seconds=500.0, deadline=deadline) == 1
+    # after the first epoch, 100 s left: the epoch run plus as many more as end by the deadline
+    def fits(planned: int, epoch_seconds: float, left: float) -> int:
+        return _epochs_within_budget(planned, epoch_seconds, deadline=1000.0 + left, now=1000.0)
+
+    assert fits(30, 20.0, 100.0) == 6                # 5 more end exactly at the deadline
+    assert fits(30, 20.0, 99.999) == 5               # the 5th would end after it
+    assert fits(30, 20.0, 119.999) == 6 and fits(30, 20.0, 120.0) == 7
+    assert fits(3, 1.0, 100.0) == 3                  # never more than planned
+    assert fits(30, 500.0, 100.0) == 1               # the first epoch alone overran: it is kept
+    assert fits(30, 20.0, -5.0) == 1                 # already past the deadline
+    assert fits(30, 0.0, 100.0) == 30                # an epoch too short to time
 
 
 def test_augmentation_moves_lesion_grids_with_the_image():

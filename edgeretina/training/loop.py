@@ -192,8 +192,10 @@ class _WarmupCosine:
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _epochs_within_budget(planned: int, epoch_seconds: float, deadline: float) -> int:
-    remaining = deadline - time.perf_counter()
+def _epochs_within_budget(planned: int, epoch_seconds: float, deadline: float, now: float | None = None) -> int:
+    """How many epochs of `epoch_seconds` fit: the one already run, and as many more as end by `deadline`
+    (perf_counter seconds; `now` defaults to the current one)."""
+    remaining = deadline - (time.perf_counter() if now is None else now)
     return max(1, min(planned, 1 + int(remaining // max(epoch_seconds, 1e-6))))
 
 
