@@ -56,6 +56,19 @@ def tiny_checkpoint(phantom_train, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_rn_checkpoint(phantom_train, tmp_path_factory):
+    """The demo's tower (a tiny CLIP ModifiedResNet) after one epoch: the CNN routes of pruning and INT8."""
+    from edgeretina.training.backbone import BackboneConfig
+    from edgeretina.training.loop import TrainConfig, train
+    from edgeretina.training.model import ModelConfig
+
+    out = tmp_path_factory.mktemp("rn") / "checkpoint.pt"
+    config = TrainConfig(labels=phantom_train, out=out, epochs=1, batch_size=16, val_fraction=0.2, workers=1,
+                         model=ModelConfig(backbone=BackboneConfig(name="edgeretina-tiny-rn", image_size=64)))
+    return train(config, log=lambda _: None, show_progress=False).checkpoint
+
+
+@pytest.fixture(scope="session")
 def onnx_bundle(tiny_checkpoint, phantom_test, tmp_path_factory):
     from edgeretina.export import ExportConfig, export
 

@@ -9,6 +9,8 @@ import json
 import re
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -204,6 +206,19 @@ def test_build_engine_without_tensorrt_names_the_jetson_extra(fp16_bundle):
     with pytest.raises(MissingDependencyError) as info:
         build_engine(fp16_bundle)
     assert info.value.extra == "jetson" and "edgeretina[jetson]" in str(info.value)
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="tensorrt is installed here")
+def test_build_engine_command_without_tensorrt_is_one_line_and_exit_code_1(fp16_bundle, tmp_path):
+    """`edgeretina build-engine` run as a user would: the missing stack is named, nothing is written."""
+    copy = shutil.copytree(fp16_bundle, tmp_path / "bundle")
+    exe = Path(sys.executable).with_name("edgeretina")
+    result = subprocess.run([str(exe), "build-engine", str(copy), "--fp16"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and "edgeretina[jetson]" in result.stderr
+    assert not (copy / "model.plan").exists()
+    assert (copy / "manifest.json").read_bytes() == (fp16_bundle / "manifest.json").read_bytes()
 
 
 def test_engine_compatibility_refuses_other_versions_and_devices():

