@@ -1,5 +1,8 @@
 """labels.csv: the dataset format every part reads (path relative to the csv, case_id, grade, ...).
 
+A row's image is a photograph or a DICOM file; a multi-frame DICOM needs the optional ``frame`` column
+(1-based) to say which frame the grade is for.
+
 Torch-free so that evaluation on the device (and the demo's held-out check) can read it too.
 """
 
@@ -22,6 +25,7 @@ class LabeledImage:
     case_id: str
     grade: int
     extra: dict[str, str] = field(default_factory=dict, compare=False)
+    frame: int | None = None        # the frame of a multi-frame DICOM (1-based); None: the file's only image
 
 
 def read_labels(csv_path: str | Path, *, check_files: bool = True) -> list[LabeledImage]:
@@ -59,8 +63,21 @@ def _parse_row(csv_path: Path, line: int, row: dict[str, str], check_files: bool
     if check_files and not path.is_file():
         raise DatasetError(f"{csv_path}:{line}: image not found: {path}")
     case_id = row.get("case_id") or Path(row["path"]).stem
-    extra = {k: v for k, v in row.items() if k not in ("path", "grade", "case_id")}
-    return LabeledImage(path=path, case_id=case_id, grade=grade, extra=extra)
+    extra = {k: v for k, v in row.items() if k not in ("path", "grade", "case_id", "frame")}
+    return LabeledImage(path=path, case_id=case_id, grade=grade, extra=extra, frame=_frame(csv_path, line, row))
+
+
+def _frame(csv_path: Path, line: int, row: dict[str, str]) -> int | None:
+    text = (row.get("frame") or "").strip()
+    if not text:
+        return None
+    try:
+        frame = int(text)
+    except ValueError:
+        raise DatasetError(f"{csv_path}:{line}: frame {text!r} is not an integer") from None
+    if frame < 1:
+        raise DatasetError(f"{csv_path}:{line}: frame {frame} must be >= 1 (DICOM numbers frames from 1)")
+    return frame
 
 
 def grade_counts(items: list[LabeledImage]) -> list[int]:

@@ -13,6 +13,18 @@ class ImageDecodeError(EdgeRetinaError):
     """A file could not be read as an image (empty, truncated, not an image, unsupported)."""
 
 
+class DicomError(ImageDecodeError):
+    """A DICOM file holds nothing edgeretina can grade: a document or report instead of an image, no pixel
+    data, an unsupported transfer syntax or photometric interpretation, or a truncated or corrupt file.
+
+    ``dicom``: the identifiers a grading record may carry (laterality, study/series/SOP instance UIDs)
+    when the header was readable, else None; never patient data."""
+
+    def __init__(self, message: str, dicom: dict | None = None):
+        self.dicom = dicom
+        super().__init__(message)
+
+
 class DatasetError(EdgeRetinaError):
     """A dataset (labels.csv and its images) is missing, malformed or unusable."""
 

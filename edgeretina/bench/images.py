@@ -9,7 +9,7 @@ import numpy as np
 
 from edgeretina.dataset import read_labels
 from edgeretina.errors import ConfigError, EdgeRetinaError
-from edgeretina.preprocess import decode_image, list_images
+from edgeretina.preprocess import iter_sources, list_images
 
 MAX_CHECK_SIDE = 512   # decode just enough to prove the file is whole (libjpeg's DCT scaling makes it cheap)
 
@@ -38,11 +38,12 @@ def resolve_images(images: Path | None, scratch: Path, count: int, size: int) ->
 def _refuse_undecodable(paths: list[Path]) -> None:
     """A file that does not decode would be timed as its error record (a decode attempt, no model) and
     pull the latencies down while the row still says it graded that many images; it is refused instead.
-    One decode per image: less than the fidelity pass, which grades every image once per configuration."""
+    One decode per image (each frame of a DICOM): less than the fidelity pass, which grades every image
+    once per configuration."""
     bad = []
-    for path in paths:
+    for source in iter_sources(paths):
         try:
-            decode_image(path, MAX_CHECK_SIDE)
+            source.decode(MAX_CHECK_SIDE)
         except EdgeRetinaError as exc:
             bad.append(str(exc))
     if bad:

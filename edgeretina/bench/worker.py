@@ -37,13 +37,15 @@ def peak_rss_mb() -> float:
 
 class Worker:
     def __init__(self, bundle: str, backend: str, threads: int, batch: int, images: list[str]):
+        from edgeretina.preprocess import expand_frames
         from edgeretina.runtime.grader import Grader
 
         started = time.perf_counter()
         self.grader = Grader(bundle, backend=backend, threads=threads)
         self.load_s = time.perf_counter() - started
         self.batch = batch
-        self.images = images
+        # one entry per image graded: a multi-frame DICOM is one per frame, so a batch of N is N images
+        self.images = expand_frames(images)
         self._next = 0
 
     def cold_first_ms(self) -> float:
@@ -51,7 +53,7 @@ class Worker:
         list(self.grader.grade_iter(self.images[:1], batch_size=1))
         return (time.perf_counter() - started) * 1000.0
 
-    def _next_batch(self) -> list[str]:
+    def _next_batch(self) -> list:
         """The next `batch` images, cycling through the set, so every run sees different photographs."""
         paths = [self.images[(self._next + i) % len(self.images)] for i in range(self.batch)]
         self._next = (self._next + self.batch) % len(self.images)

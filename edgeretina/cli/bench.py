@@ -19,7 +19,7 @@ def bench(
     backend: Annotated[str, typer.Option("--backend", help="Comma-separated backends.")] = "onnxruntime,openvino",
     threads: Annotated[str, typer.Option("--threads", help="Comma-separated thread counts.")] = "1,2",
     batch: Annotated[str, typer.Option("--batch", help="Comma-separated batch sizes.")] = "1",
-    images: Annotated[Optional[Path], typer.Option("--images", help="Folder of photographs or a labels.csv (default: phantom photographs).")] = None,
+    images: Annotated[Optional[Path], typer.Option("--images", help="Folder of photographs (DICOM too) or a labels.csv (default: phantom photographs).")] = None,
     runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs per configuration, after warm-up.")] = 30,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs per configuration first.")] = 5,
     rounds: Annotated[int, typer.Option("--rounds", min=1, help="Rounds the timed runs are spread over (round-robin).")] = 5,

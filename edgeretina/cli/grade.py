@@ -13,7 +13,8 @@ EXIT_SOME_FAILED = 3
 
 @app.command(epilog="Example: edgeretina grade photos/*.jpg --bundle bundle-cpu --json > results.json")
 def grade(
-    paths: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.")],
+    paths: Annotated[list[str], typer.Argument(
+        help="Image files (JPEG, PNG, TIFF, BMP, DICOM), folders or glob patterns.")],
     bundle: BundleOption,
     as_json: Annotated[bool, typer.Option("--json", help="Print the records as JSON.")] = False,
     csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Also write the records to this CSV file.")] = None,
@@ -27,7 +28,8 @@ def grade(
     verify: VerifyOption = True,
     trust: TrustOption = None,
 ) -> None:
-    """Grade fundus photographs with an exported bundle. Exit code 3 when any file failed."""
+    """Grade fundus photographs with an exported bundle; a multi-frame DICOM gives one record per frame.
+    Exit code 3 when any file failed."""
     from edgeretina.runtime.batch import grade_paths
     from edgeretina.runtime.grader import Grader
     from edgeretina.runtime.report import format_table, records_json, write_csv

@@ -11,7 +11,7 @@ from edgeretina.cli._options import Backend, enum_value, BundleOption, ThreadsOp
 
 @app.command(epilog="Example: edgeretina watch /media/camera/inbox --bundle bundle-cpu --out graded/")
 def watch(
-    folder: Annotated[Path, typer.Argument(help="Hot folder the camera writes photographs into.")],
+    folder: Annotated[Path, typer.Argument(help="Hot folder the camera writes photographs (or DICOM files) into.")],
     bundle: BundleOption,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for results.jsonl, overlays/ and cards/.")],
     interval: Annotated[float, typer.Option("--interval", min=0.01, help="Seconds between polls.")] = 1.0,

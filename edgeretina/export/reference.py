@@ -11,7 +11,8 @@ import numpy as np
 from edgeretina.dataset import read_labels
 from edgeretina.errors import ExportError
 from edgeretina.export.steps import ExportContext
-from edgeretina.preprocess import PreprocessConfig, decode_image, list_images, normalize, prepare
+from edgeretina.preprocess import (ImageRef, PreprocessConfig, decode_image, expand_frames, list_images, normalize,
+                                   prepare)
 from edgeretina.training.checkpoint import load_checkpoint
 from edgeretina.training.loop import predict_normalized
 
@@ -54,10 +55,10 @@ def load_images(source: Path | None, count: int, preprocess: PreprocessConfig, p
         seeds = [phantom_seed + i for i in range(count)]
         images = [prepare(render_case(s, PhantomConfig(size=384)).image, preprocess)[0] for s in seeds]
         return np.stack(images), {"source": "phantom", "count": len(images), "seeds": [seeds[0], seeds[-1]]}
-    paths = _image_paths(Path(source))[:count]
-    if len(paths) < 2:
-        raise ExportError(f"need at least 2 images in {source}, found {len(paths)}")
-    images = [prepare(decode_image(p, preprocess.decode_max_side), preprocess)[0] for p in paths]
+    refs = _image_refs(Path(source))[:count]
+    if len(refs) < 2:
+        raise ExportError(f"need at least 2 images in {source}, found {len(refs)}")
+    images = [prepare(decode_image(r.path, preprocess.decode_max_side, frame=r.frame), preprocess)[0] for r in refs]
     return np.stack(images), {"source": str(source), "count": len(images)}
 
 
@@ -69,9 +70,11 @@ def reference_grades(source: Path | None, count: int) -> np.ndarray | None:
     return np.array([item.grade for item in read_labels(source)[:count]])
 
 
-def _image_paths(source: Path) -> list[Path]:
+def _image_refs(source: Path) -> list[ImageRef]:
+    """A labels.csv's rows (one image each: a multi-frame DICOM row names its frame) or a folder's images
+    (every frame of a DICOM)."""
     if source.is_file() and source.suffix == ".csv":
-        return [item.path for item in read_labels(source)]
+        return [ImageRef(str(item.path), item.frame) for item in read_labels(source)]
     if source.is_dir():
-        return list_images(source)
+        return expand_frames(list_images(source))
     raise ExportError(f"image set must be a labels.csv or a folder: {source}")

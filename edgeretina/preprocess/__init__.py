@@ -1,7 +1,8 @@
 """The one preprocessing of edgeretina: decode, field of view, crop, Ben Graham, resize, normalise.
 
 Training data loading, calibration, export parity checks and the on-device runtime all call this
-package, so a model always sees pixels prepared the same way. It needs numpy, OpenCV and Pillow only.
+package, so a model always sees pixels prepared the same way. It needs numpy, OpenCV and Pillow
+(DICOM: pydicom and its plugins, the ``dicom`` extra, imported on first use).
 
 Coordinates. Every position (``FieldOfView.cx``, ``Geometry.crop_box`` ...) is in *continuous*
 pixel coordinates of the decoded image: the image covers ``[0, W] x [0, H]``, and the pixel in row
@@ -17,15 +18,18 @@ subtract the local average (Ben Graham); zero everything outside the circle. Ben
 a fraction of ``image_size`` anyway.
 
 The package keeps one file per concern: ``config`` (PreprocessConfig), ``decode`` and ``formats``
-(files to RGB arrays), ``files`` (which files of a folder are images), ``fov`` (field of view),
-``transform`` (prepare, normalize) and ``geometry`` (mapping between the model input and the photo).
+(files to RGB arrays), ``dicom`` (DICOM files to RGB frames and the tags a record may carry), ``sources``
+(what is graded: a photograph, or one frame of a DICOM), ``files`` (which files of a folder are images),
+``fov`` (field of view), ``transform`` (prepare, normalize) and ``geometry`` (mapping between the model
+input and the photo).
 Import the public names from here.
 """
 
 from edgeretina.preprocess.config import CLIP_MEAN, CLIP_STD, PreprocessConfig
 from edgeretina.preprocess.decode import MAX_PIXELS, decode_image
-from edgeretina.preprocess.files import list_images
+from edgeretina.preprocess.files import is_image_file, list_images
 from edgeretina.preprocess.fov import FieldOfView, detect_fov
+from edgeretina.preprocess.sources import ImageRef, ImageSource, expand_frames, iter_sources
 from edgeretina.preprocess.geometry import Geometry, grid_presence, map_to_original
 from edgeretina.preprocess.transform import normalize, prepare, preprocess
 
@@ -39,6 +43,11 @@ __all__ = [
     "decode_image",
     "detect_fov",
     "list_images",
+    "is_image_file",
+    "ImageRef",
+    "ImageSource",
+    "iter_sources",
+    "expand_frames",
     "prepare",
     "normalize",
     "preprocess",

@@ -1,5 +1,6 @@
-"""decode_image: a path or bytes -> RGB uint8 (H, W, 3), for every format Pillow or OpenCV reads;
-16-bit, gray, alpha, palette and EXIF orientation handled; bad files raise ``ImageDecodeError``."""
+"""decode_image: a path or bytes -> RGB uint8 (H, W, 3), for every format Pillow or OpenCV reads and for
+DICOM (dispatched to preprocess/dicom.py); 16-bit, gray, alpha, palette and EXIF orientation handled; bad
+files raise ``ImageDecodeError``."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from edgeretina.errors import ImageDecodeError
+from edgeretina.preprocess.dicom import DICOM_SUFFIXES, decode_dicom, has_dicom_magic
 from edgeretina.preprocess.formats import _describe_unknown, _missing_end_marker, _tiff_size
 
 #: Largest image (width x height) ``decode_image`` accepts, checked from the header before any pixel
@@ -21,7 +23,7 @@ from edgeretina.preprocess.formats import _describe_unknown, _missing_end_marker
 MAX_PIXELS = 120_000_000
 
 
-def decode_image(source: str | os.PathLike | bytes, max_side: int = 0) -> np.ndarray:
+def decode_image(source: str | os.PathLike | bytes, max_side: int = 0, frame: int | None = None) -> np.ndarray:
     """Decode a file (path) or its bytes to an RGB uint8 array of shape (H, W, 3), writeable.
 
     max_side > 0: a JPEG at least twice that on its long side is decoded at a reduced scale
@@ -32,6 +34,10 @@ def decode_image(source: str | os.PathLike | bytes, max_side: int = 0) -> np.nda
     composited on black (transparent = background), palette and CMYK are converted, and the EXIF
     orientation is applied. Only the first frame of multi-frame files is read.
 
+    A DICOM file (the 'DICM' marker, or a ``.dcm``/``.dicom`` name) goes to ``preprocess.dicom``: frame
+    (1-based) names the frame of a multi-frame file; its errors are ``DicomError``s. A frame other than 1
+    of any other file is an error.
+
     Raises ``ImageDecodeError`` whose message starts with one of: ``file not found``,
     ``empty file``, ``not an image (...)``, ``truncated or corrupt image``,
     ``image too large (W x H > limit)``. Truncation is an error, never a silently grey image.
@@ -39,6 +45,10 @@ def decode_image(source: str | os.PathLike | bytes, max_side: int = 0) -> np.nda
     data, where = _read_source(source)
     if len(data) == 0:
         raise ImageDecodeError("empty file" + where)
+    if has_dicom_magic(data) or _named_dicom(source):
+        return decode_dicom(data, where, frame, MAX_PIXELS, max_side)
+    if frame not in (None, 1):
+        raise ImageDecodeError(f"no frame {frame!r}: not a DICOM file, it holds one image" + where)
     try:
         # Pillow parses the header only. (Between its own 89 MP and our 120 MP limit it emits a
         # DecompressionBombWarning; silencing it would need warnings.catch_warnings, which is not
@@ -68,6 +78,10 @@ def decode_image(source: str | os.PathLike | bytes, max_side: int = 0) -> np.nda
         raise ImageDecodeError(f"truncated or corrupt image ({e})" + where) from None
     rgb = _apply_orientation(rgb, _exif_orientation(im))  # after load: PNG may carry EXIF after the data
     return _owned(rgb)
+
+
+def _named_dicom(source) -> bool:
+    return isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() in DICOM_SUFFIXES
 
 
 def _owned(rgb: np.ndarray) -> np.ndarray:

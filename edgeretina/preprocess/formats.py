@@ -31,8 +31,6 @@ def _describe_unknown(data: bytes) -> str:
         return "a PDF document"
     if head.startswith(b"PK\x03\x04"):
         return "a ZIP archive"
-    if b"DICM" == data[128:132]:
-        return "a DICOM file; export the photo as JPEG/PNG/TIFF"
     try:
         text = head.decode("utf-8")
         if text and all(c.isprintable() or c.isspace() for c in text):

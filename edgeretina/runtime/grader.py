@@ -20,7 +20,7 @@ import numpy as np
 from edgeretina.bundle import Bundle, load_bundle
 from edgeretina.errors import EdgeRetinaError
 from edgeretina.grades import LESIONS, grade_name
-from edgeretina.preprocess import Geometry, decode_image, detect_fov, normalize, prepare
+from edgeretina.preprocess import Geometry, ImageRef, ImageSource, detect_fov, iter_sources, normalize, prepare
 from edgeretina.quality import assess_quality
 from edgeretina.runtime.backends import create_runner, model_artifact, pick_backend
 from edgeretina.runtime.knn import FeatureBank
@@ -32,6 +32,9 @@ from edgeretina.signing import TrustList, enforce_trust, resolve_trust
 @dataclass
 class GradeRecord:
     file: str
+    # DICOM only: {frame, frames, laterality, study/series/sop_instance_uid, sop_class_uid}; a multi-frame
+    # file gives one record per frame, in frame order. Never patient data (preprocess/dicom.py).
+    dicom: dict | None = None
     gradable: bool | None = None
     quality: dict | None = None
     grade: int | None = None
@@ -102,16 +105,17 @@ class Grader:
         self.verification = ensure_verified(self.bundle, self.runner, self.backend, self.bank, verify, name=name)
         _return_freed_heap()
 
-    def grades_and_embeddings(self, paths: Iterable[str | os.PathLike],
+    def grades_and_embeddings(self, paths: Iterable[str | os.PathLike | ImageRef],
                               batch_size: int = 8) -> tuple[list[str], list[int], np.ndarray]:
         """(files, grades, embeddings [N, D] float32) of the gradable images among `paths`, through the
         same pipeline as `grade_iter`: what comparing two artifacts needs (records carry no embedding).
-        Files that fail to decode or are ungradable are left out."""
+        Files that fail to decode or are ungradable are left out; a frame of a multi-frame DICOM is named
+        `path#frame=N`."""
         files, prepared = [], []
-        for path in paths:
-            graded, image = self._load(str(path))
+        for source in iter_sources(paths):
+            graded, image = self._load(source)
             if image is not None:
-                files.append(graded.record.file)
+                files.append(source.label)
                 prepared.append(image)
         grades, embeddings = [], []
         for start in range(0, len(prepared), batch_size):
@@ -121,24 +125,27 @@ class Grader:
         dim = int(self.bundle.manifest.model.get("embed_dim", 0))
         return files, grades, np.concatenate(embeddings) if embeddings else np.zeros((0, dim), np.float32)
 
-    def grade(self, paths: Iterable[str | os.PathLike], batch_size: int = 8) -> list[GradeRecord]:
+    def grade(self, paths: Iterable[str | os.PathLike | ImageRef], batch_size: int = 8) -> list[GradeRecord]:
         return [graded.record for graded in self.grade_iter(paths, batch_size)]
 
-    def grade_iter(self, paths: Iterable[str | os.PathLike], batch_size: int = 8) -> Iterator[GradedImage]:
-        """Grade images in batches, yielding each as soon as its batch is done, in input order."""
-        batch: list[str] = []
-        for path in paths:
-            batch.append(str(path))
+    def grade_iter(self, paths: Iterable[str | os.PathLike | ImageRef], batch_size: int = 8) -> Iterator[GradedImage]:
+        """Grade images in batches, yielding each as soon as its batch is done, in input order.
+
+        One record per image: a photograph file is one, a DICOM file one per frame (its `dicom.frame`), an
+        ImageRef with a frame only that frame; a file that cannot be read is one error record."""
+        batch: list[ImageSource] = []
+        for source in iter_sources(paths):
+            batch.append(source)
             if len(batch) == batch_size:
                 yield from self._grade_batch(batch)
                 batch = []
         if batch:
             yield from self._grade_batch(batch)
 
-    def _grade_batch(self, paths: list[str]) -> list[GradedImage]:
+    def _grade_batch(self, sources: list[ImageSource]) -> list[GradedImage]:
         pending, done = [], []
-        for path in paths:
-            graded, prepared = self._load(path)
+        for source in sources:
+            graded, prepared = self._load(source)
             done.append(graded)
             if prepared is not None:
                 pending.append(_Pending(graded, prepared))
@@ -150,12 +157,12 @@ class Grader:
                     item.graded.record.error = f"inference failed: {exc}"
         return done
 
-    def _load(self, path: str) -> tuple[GradedImage, np.ndarray | None]:
-        record = GradeRecord(file=path)
+    def _load(self, source: ImageSource) -> tuple[GradedImage, np.ndarray | None]:
+        record = GradeRecord(file=source.ref.path, dicom=source.dicom)
         graded = GradedImage(record=record)
         started = time.perf_counter()
         try:
-            rgb = decode_image(path, self.preprocess.decode_max_side)
+            rgb = source.decode(self.preprocess.decode_max_side)
         except EdgeRetinaError as exc:
             record.error = str(exc)
             return graded, None

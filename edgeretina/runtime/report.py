@@ -13,7 +13,10 @@ from edgeretina.runtime.grader import GradeRecord
 from edgeretina.text_tables import table_lines
 
 CSV_COLUMNS = ("file", "screening", "gradable", "grade", "grade_name", "referable", "referable_probability",
-               "p0", "p1", "p2", "p3", "p4", "quality_reasons", "nearest_case", "nearest_grade", "error")
+               "p0", "p1", "p2", "p3", "p4", "quality_reasons", "nearest_case", "nearest_grade", "error",
+               # DICOM inputs only (empty for photographs): which frame, which eye, where it is archived
+               "frame", "laterality", "study_instance_uid", "series_instance_uid", "sop_instance_uid")
+_DICOM_COLUMNS = CSV_COLUMNS[CSV_COLUMNS.index("frame"):]
 
 
 def records_json(records: Sequence[GradeRecord]) -> str:
@@ -24,7 +27,8 @@ def _csv_row(record: GradeRecord) -> dict:
     probs = record.probabilities or [None] * 5
     nearest = record.neighbors[0] if record.neighbors else {}
     reasons = (record.quality or {}).get("reasons", [])
-    return {"file": record.file, "screening": record.screening, "gradable": record.gradable, "grade": record.grade,
+    dicom = record.dicom or {}
+    return {**{column: dicom.get(column) for column in _DICOM_COLUMNS}, "file": record.file, "screening": record.screening, "gradable": record.gradable, "grade": record.grade,
             "grade_name": record.grade_name, "referable": record.referable,
             "referable_probability": record.referable_probability,
             **{f"p{g}": probs[g] for g in range(5)}, "quality_reasons": ";".join(reasons),
@@ -56,10 +60,21 @@ def summary_cells(record: dict) -> tuple[str, str, str]:
 
 def format_table(records: Sequence[GradeRecord]) -> str:
     """The grade table: file, result, grade, P(referable)."""
-    rows = [(os.path.basename(r.file), *summary_cells(r.to_dict())) for r in records]
+    rows = [(display_name(r), *summary_cells(r.to_dict())) for r in records]
     return "\n".join(table_lines(rows, ("left", "left", "left", "right"), ("file", "result", "grade", "P(referable)")))
 
 
+def display_name(record: GradeRecord) -> str:
+    """The file's name for people; a frame of a multi-frame DICOM says which (`scan.dcm [2/3]`)."""
+    return os.path.basename(record.file) + _frame_note(record.dicom)
+
+
+def _frame_note(dicom: dict | None) -> str:
+    dicom = dicom or {}
+    return f" [{dicom['frame']}/{dicom['frames']}]" if (dicom.get("frames") or 1) > 1 else ""
+
+
 def one_line(source: str, record: dict) -> str:
+    source += _frame_note(record.get("dicom"))
     result, what, referable = summary_cells(record)
     return f"{source}: {result}" + (f" {what}" if what else "") + (f" P(referable)={referable}" if referable else "")

@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from edgeretina.errors import ConfigError, EdgeRetinaError
-from edgeretina.dataset import IMAGE_SUFFIXES
-from edgeretina.runtime.grader import GradedImage, Grader
+from edgeretina.preprocess import is_image_file
+from edgeretina.runtime.grader import GradedImage, GradeRecord, Grader
 from edgeretina.runtime.verify import VERIFY_MODES
 from edgeretina.runtime.visuals import path_stem, write_visuals
 from edgeretina.signing import TrustList
@@ -165,9 +165,9 @@ class Watcher:
             # Hidden entries are cameras' and copy tools' temporary files; OUT may sit inside the folder.
             dirnames[:] = [d for d in dirnames if not d.startswith(".") and Path(dirpath, d).resolve() != out]
             for name in filenames:
-                if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
-                    continue
                 path = Path(dirpath, name)
+                if name.startswith(".") or not is_image_file(path):   # photographs by suffix; DICOM by marker too
+                    continue
                 try:
                     st = path.stat()
                 except FileNotFoundError:   # deleted between listing and stat
@@ -176,15 +176,19 @@ class Watcher:
 
     def _grade(self, ready: list[FileKey], stop: threading.Event, final: bool) -> Iterator[dict]:
         by_path = {str(self.config.folder / key.path): key for key in ready}
+        rewritten: dict[FileKey, bool] = {}   # file versions recorded in this pass -> an earlier version has a record
         for graded in self.grader.grade_iter(list(by_path), self.config.batch_size):
             key = by_path[graded.record.file]
-            if self._maybe_incomplete(graded, key, final):
+            # a later frame of a DICOM whose first frame is recorded is recorded too: its key is done
+            if key not in rewritten and self._maybe_incomplete(graded, key, final):
                 continue
             self._undecodable_since.pop(key, None)
+            earlier_version = rewritten.setdefault(key, key.path in self._recorded_paths)
             if self.config.overlays:
-                self._write_images(graded, key)
+                self._write_images(graded, key, earlier_version)
             yield {**graded.record.to_dict(), "source": key.to_dict(), "graded_at": _now()}
-            if stop.is_set():   # finish the current image, leave the rest for the next start
+            # finish the current file (every frame of a DICOM: its key is done with the first), leave the rest
+            if stop.is_set() and _last_of_file(graded.record):
                 return
 
     def _maybe_incomplete(self, graded: GradedImage, key: FileKey, final: bool) -> bool:
@@ -194,14 +198,19 @@ class Watcher:
         first = self._undecodable_since.setdefault(key, time.monotonic())
         return time.monotonic() - first < self.config.undecodable_grace_s
 
-    def _write_images(self, graded: GradedImage, key: FileKey) -> None:
-        write_visuals(graded, self._picture_stem(key), self.config.out / "overlays", self.config.out / "cards")
+    def _write_images(self, graded: GradedImage, key: FileKey, rewritten: bool) -> None:
+        write_visuals(graded, _picture_stem(key, graded.record, rewritten), self.config.out / "overlays",
+                      self.config.out / "cards")
 
-    def _picture_stem(self, key: FileKey) -> str:
-        """The path's stem; a later version of a file already recorded adds its mtime, so the earlier
-        record's pictures are not replaced by pictures of another photograph."""
-        stem = path_stem(key.path)
-        return f"{stem}@{key.mtime_ns}" if key.path in self._recorded_paths else stem
+
+def _picture_stem(key: FileKey, record: GradeRecord, rewritten: bool) -> str:
+    """The path's stem, with `_frame<N>` for a frame of a multi-frame DICOM; a later version of a file
+    already recorded (rewritten) adds its mtime, so the earlier record's pictures are not replaced by
+    pictures of another photograph."""
+    stem = path_stem(key.path)
+    stem = f"{stem}@{key.mtime_ns}" if rewritten else stem
+    dicom = record.dicom or {}
+    return f"{stem}_frame{dicom['frame']}" if (dicom.get("frames") or 1) > 1 else stem
 
 
 def load_done_keys(results: Path) -> set[FileKey]:
@@ -251,6 +260,12 @@ def append_line(fd: int, record: dict) -> None:
 def _key_of(record: dict) -> FileKey:
     source = record["source"]
     return FileKey(str(source["path"]), int(source["bytes"]), int(source["mtime_ns"]))
+
+
+def _last_of_file(record: GradeRecord) -> bool:
+    """Whether no record of the same file follows (a photograph; the last frame of a DICOM; an error)."""
+    dicom = record.dicom or {}
+    return dicom.get("frame") is None or dicom["frame"] >= (dicom.get("frames") or 1)
 
 
 def _is_number(value) -> bool:

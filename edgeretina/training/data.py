@@ -48,10 +48,10 @@ def lesion_mask_paths(item: LabeledImage) -> list[Path]:
     return [root / "masks" / code / f"{item.case_id}.png" for code in LESION_CODES]
 
 
-def _prepare_one(job: tuple[str, PreprocessConfig, list[Path] | None, tuple[int, int] | None]):
-    path, config, mask_paths, grid = job
+def _prepare_one(job: tuple[str, PreprocessConfig, list[Path] | None, tuple[int, int] | None, int | None]):
+    path, config, mask_paths, grid, frame = job
     try:
-        image, geometry = prepare(decode_image(path, config.decode_max_side), config)
+        image, geometry = prepare(decode_image(path, config.decode_max_side, frame=frame), config)
         if mask_paths is None:
             return image, None
         masks = [_mask_at(decode_image(p)[..., 0], geometry.original_size) for p in mask_paths]
@@ -70,7 +70,8 @@ def prepare_images(items: Sequence[LabeledImage], config: PreprocessConfig, work
     that already runs OpenCV's or torch's thread pools can deadlock.
     """
     workers = workers or min(4, os.cpu_count() or 1)
-    jobs = [(str(item.path), config, _mask_paths(item) if lesion_grid else None, lesion_grid) for item in items]
+    jobs = [(str(item.path), config, _mask_paths(item) if lesion_grid else None, lesion_grid, item.frame)
+            for item in items]
     results: list[tuple | str] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for result in pool.map(_prepare_one, jobs):
