@@ -188,7 +188,8 @@ def test_microaneurysms_nearly_vanish_at_224_px_but_pdr_does_not():
 # -- camera ----------------------------------------------------------------------------------------
 
 def test_camera_variation_cuts_some_fields_of_view_and_widens_some_images():
-    cases = [render_case(seed, PhantomConfig(size=64)) for seed in range(60)]
+    """The standard framing (the other presets have their own tests, tests/test_framings.py)."""
+    cases = [render_case(seed, PhantomConfig(size=64, framing="standard")) for seed in range(60)]
     cut = [c for c in cases if c.camera["cut_off"]]
     assert 5 <= len(cut) <= 35
     for c in cut:
@@ -217,8 +218,12 @@ def test_image_is_a_plausible_rgb_fundus(small_cases):
         red, green, blue = (case.image[:, :, i][inside].mean() for i in range(3))
         if not case.camera["degraded"]:
             assert red > green > blue  # orange-red fundus, RGB order
-        if outside.any():
+        if outside.any() and case.framing == "standard":
             assert case.image[outside].mean() < 8  # black around the field of view
+        elif outside.any():  # the frame of the preset: black or grey, text and bars beside the field
+            level = 0.299 * case.surround["level"][0] + 0.587 * case.surround["level"][1] + 0.114 * case.surround["level"][2]
+            luma = case.image[outside].astype(float) @ [0.299, 0.587, 0.114]
+            assert np.median(luma) == pytest.approx(level, abs=3), case.framing
 
 
 def test_grade_distribution_follows_weights():

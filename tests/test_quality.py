@@ -16,7 +16,8 @@ from edgeretina.quality import REASON_TEXT, REASONS, QualityConfig, QualityRepor
 skimage_data = pytest.importorskip("skimage.data")
 
 MEASURES = {"fov_found", "fov_fraction_visible", "fov_diameter_px", "mean_luminance", "dark_fraction",
-            "saturated_fraction", "focus", "contrast"}
+            "saturated_fraction", "focus", "contrast", "vessel_depth", "noise", "red_green_ratio",
+            "median_luminance", "content_levels"}
 
 
 @pytest.fixture(scope="module")
@@ -130,9 +131,9 @@ def test_focus_decreases_with_blur(retina, retina_fov):
     assert all(a > b for a, b in zip(values, values[1:])), values
 
 
-def test_heavy_haze_is_low_contrast(retina, retina_fov, inside):
+def test_heavy_haze_is_low_contrast_and_media_opacity(retina, retina_fov, inside):
     report = assess_quality(haze(retina, 0.6, inside), retina_fov)
-    assert report.reasons == ("low_contrast",), report
+    assert report.reasons == ("low_contrast", "media_opacity"), report
     assert assess_quality(haze(retina, 0.2, inside), retina_fov).gradable
 
 
@@ -272,19 +273,23 @@ def exposure(report: QualityReport) -> set[str]:
 
 
 def test_mean_luminance_thresholds_exactly(flat):
-    """too_dark below a mean luma of 25 (not at it), too_bright above 215 (not at it)."""
-    at_dark = flat.report(25)
-    assert at_dark.measures["mean_luminance"] == 25.0 and exposure(at_dark) == set(), at_dark
-    below = flat.report(25, 1, (24, 24, 24))  # one measured pixel a level darker: mean 25 - 1/n
-    assert below.measures["mean_luminance"] == pytest.approx(25.0 - 1.0 / flat.n, abs=1e-9)
+    """too_dark below a mean luma of 34 (not at it), too_bright above 200 (not at it).
+
+    Issue 12 moved both (were 25 and 215): the phantom's under- and over-exposure faults (0.25 and 2.5 times
+    a metered exposure, benchmarks/quality_gate.py) read up to 32.7 and down to 190 (x86-avx2); on
+    retina.jpg gain 0.28 (33.8) now fails and 0.3 (36.2) passes, gain 2 (189.6) passes and 2.25 (203) fails."""
+    at_dark = flat.report(34)
+    assert at_dark.measures["mean_luminance"] == 34.0 and exposure(at_dark) == set(), at_dark
+    below = flat.report(34, 1, (33, 33, 33))  # one measured pixel a level darker: mean 34 - 1/n
+    assert below.measures["mean_luminance"] == pytest.approx(34.0 - 1.0 / flat.n, abs=1e-9)
     assert exposure(below) == {"too_dark"}, below
-    assert exposure(flat.report(24)) == {"too_dark"}
-    at_bright = flat.report(215)
-    assert at_bright.measures["mean_luminance"] == 215.0 and exposure(at_bright) == set(), at_bright
-    above = flat.report(215, 1, (216, 216, 216))
-    assert above.measures["mean_luminance"] == pytest.approx(215.0 + 1.0 / flat.n, abs=1e-9)
+    assert exposure(flat.report(33)) == {"too_dark"}
+    at_bright = flat.report(200)
+    assert at_bright.measures["mean_luminance"] == 200.0 and exposure(at_bright) == set(), at_bright
+    above = flat.report(200, 1, (201, 201, 201))
+    assert above.measures["mean_luminance"] == pytest.approx(200.0 + 1.0 / flat.n, abs=1e-9)
     assert exposure(above) == {"too_bright"}, above
-    assert exposure(flat.report(216)) == {"too_bright"}
+    assert exposure(flat.report(201)) == {"too_bright"}
 
 
 def test_dark_fraction_threshold_exactly(flat):
@@ -330,8 +335,9 @@ def test_fov_fraction_threshold_exactly(retina, retina_fov):
 
 
 # (degradation of the real photograph, its parameter, the measure, the band it reads in, the reasons): each band
-# ends at the default threshold and is 0.07 % (fov fraction), 0.02 % (focus) or 0.04 % (contrast) of it wide,
-# so moving a threshold by more than that changes a verdict. Found by stepping the parameter; measured on
+# ends at the default threshold and is 0.07 % (fov fraction), 0.02 % (focus), 0.04 % (contrast), 0.1 % / 0.7 %
+# (vessel depth: the 8-bit veil moves it in steps of ~5e-4) or 0.1 % (noise) of it wide, so moving a threshold
+# by more than that changes a verdict. Found by stepping the parameter; measured on
 # x86-avx2 (values in the comments), at least 500x further from the threshold than OpenCV's float filters differ
 # between ISAs (~1e-7 of the value).
 NEAR_THRESHOLD = [
@@ -339,8 +345,13 @@ NEAR_THRESHOLD = [
     ("cut", 481, "fov_fraction_visible", (0.6995, 0.7000), ("partial_field_of_view",)),  # 0.69979
     ("blur", 6.475, "focus", (0.30000, 0.30005), ()),                                    # 0.300022
     ("blur", 6.476, "focus", (0.29995, 0.30000), ("out_of_focus",)),                     # 0.299982
-    ("haze", 0.4455, "contrast", (0.025000, 0.025010), ()),                              # 0.0250073
-    ("haze", 0.446, "contrast", (0.024990, 0.025000), ("low_contrast",)),                # 0.0249965
+    # a 44.6 % veil is past the vessel-depth threshold (issue 12) too: media_opacity from 34.1 % on (below)
+    ("haze", 0.4455, "contrast", (0.025000, 0.025010), ("media_opacity",)),              # 0.0250073
+    ("haze", 0.446, "contrast", (0.024990, 0.025000), ("low_contrast", "media_opacity")),  # 0.0249965
+    ("haze", 0.341, "vessel_depth", (0.09000, 0.09010), ()),                             # 0.090059
+    ("haze", 0.342, "vessel_depth", (0.08940, 0.09000), ("media_opacity",)),             # 0.089506
+    ("noise", 23.95, "noise", (0.04995, 0.05000), ()),                                   # 0.0499878
+    ("noise", 23.97, "noise", (0.05000, 0.05005), ("too_noisy",)),                       # 0.0500393
 ]
 
 
@@ -358,6 +369,8 @@ def test_continuous_measures_just_either_side_of_the_default(retina, retina_fov,
         report = assess_quality(np.ascontiguousarray(retina[:, amount:]))
     elif how == "blur":
         report = assess_quality(smooth_blur(retina, amount), retina_fov)
+    elif how == "noise":
+        report = assess_quality(add_noise(retina, amount, inside), retina_fov)
     else:
         report = assess_quality(haze(retina, amount, inside), retina_fov)
     low, high = band
@@ -373,12 +386,16 @@ THRESHOLDS = [
     ("max_saturated_fraction", "saturated_fraction", "too_bright", +1),
     ("min_focus", "focus", "out_of_focus", -1),
     ("min_contrast", "contrast", "low_contrast", -1),
+    ("min_vessel_depth", "vessel_depth", "media_opacity", -1),
+    ("max_noise", "noise", "too_noisy", +1),
 ]
+# judged only when no field of view is found (a photograph without one: the astronaut)
+NO_FIELD_THRESHOLDS = ["min_red_green_ratio", "min_content_levels"]
 
 
 def test_every_threshold_has_a_test():
     fields = {f.name for f in dataclasses.fields(QualityConfig)} - {"working_diameter", "measure_radius"}
-    assert {t[0] for t in THRESHOLDS} == fields
+    assert {t[0] for t in THRESHOLDS} | set(NO_FIELD_THRESHOLDS) == fields
 
 
 @pytest.mark.parametrize("threshold, measure, reason, side", THRESHOLDS, ids=[t[0] for t in THRESHOLDS])
@@ -390,3 +407,69 @@ def test_each_comparison_is_strict_at_the_measured_value(retina, retina_fov, thr
     assert at.reasons == (), at
     past = QualityConfig(**{threshold: float(np.nextafter(value, -side * np.inf))})
     assert assess_quality(retina, retina_fov, past).reasons == (reason,)
+
+
+def test_not_a_fundus_photo_thresholds_exactly():
+    """Without a field of view: not_a_fundus_photo when the photo has content (a luma range of at least
+    min_content_levels) and its red / green ratio is below min_red_green_ratio; each strictly."""
+    astronaut = skimage_data.astronaut()
+    m = assess_quality(astronaut).measures
+    assert m["fov_found"] == 0.0 and m["red_green_ratio"] < 1.5 <= m["content_levels"] / 100, m
+    at = QualityConfig(min_red_green_ratio=m["red_green_ratio"])
+    assert assess_quality(astronaut, config=at).reasons == ("no_field_of_view",)
+    past = QualityConfig(min_red_green_ratio=float(np.nextafter(m["red_green_ratio"], np.inf)))
+    assert assess_quality(astronaut, config=past).reasons == ("no_field_of_view", "not_a_fundus_photo")
+    content_at = QualityConfig(min_content_levels=m["content_levels"])
+    assert "not_a_fundus_photo" in assess_quality(astronaut, config=content_at).reasons
+    content_past = QualityConfig(min_content_levels=float(np.nextafter(m["content_levels"], np.inf)))
+    assert assess_quality(astronaut, config=content_past).reasons == ("no_field_of_view",)
+
+
+@pytest.mark.parametrize("level, reasons", [(34, ()), (33, ("too_dark",)), (200, ()), (201, ("too_bright",))])
+def test_without_a_field_exposure_is_judged_on_the_median(level, reasons):
+    """A uniform photo has no field: only an unlit or blown-out photo adds an exposure reason, judged on the
+    median luma (the frame's own thresholds), and no content means it is not called 'not a fundus photo'."""
+    report = assess_quality(np.full((120, 160, 3), level, np.uint8))
+    assert report.measures["median_luminance"] == level and report.measures["content_levels"] == 0
+    assert report.reasons == ("no_field_of_view", *reasons), report
+
+
+def test_a_bright_bar_beside_an_unfound_field_does_not_make_it_too_bright():
+    """The mean of a frame with a white bar in it is high; its median is not (issue 12: exposure was judged
+    over the whole image, frame included)."""
+    photo = np.full((300, 400, 3), 30, np.uint8)
+    photo[:, 300:360] = 255   # a white panel edge, 15 % of the photo
+    report = assess_quality(photo)
+    assert report.measures["mean_luminance"] > 60 and report.measures["median_luminance"] == 30
+    assert "too_dark" in report.reasons and "too_bright" not in report.reasons, report
+
+
+def test_triggers_name_the_measure_and_threshold(retina, retina_fov, inside):
+    report = assess_quality(haze(retina, 0.6, inside), retina_fov)
+    assert [t["reason"] for t in report.triggers] == ["low_contrast", "media_opacity"]
+    contrast, veil = report.triggers
+    assert contrast == {"reason": "low_contrast", "measure": "contrast", "value": round(report.measures["contrast"], 4),
+                        "threshold": 0.025, "rule": "contrast < 0.025"}
+    assert veil["measure"] == "vessel_depth" and veil["threshold"] == 0.09 and veil["rule"] == "vessel_depth < 0.09"
+    assert veil["value"] == round(report.measures["vessel_depth"], 4) < 0.09
+    # two triggers of one reason: both listed, in the order of the checks
+    dark = assess_quality(gain(retina, 0.05), retina_fov)
+    assert dark.reasons == ("too_dark",)
+    assert [t["measure"] for t in dark.triggers] == ["mean_luminance", "dark_fraction"]
+    d = report.to_dict()
+    assert json.loads(json.dumps(d)) == d and d["triggers"] == [dict(t) for t in report.triggers]
+
+
+def test_score_is_half_at_a_threshold_and_orders_photographs(retina, retina_fov):
+    sharp = assess_quality(retina, retina_fov)
+    assert sharp.score == 1.0 and sharp.limited_by == ""
+    value = sharp.measures["focus"]
+    at = assess_quality(retina, retina_fov, QualityConfig(min_focus=value))
+    assert at.score == 0.5 and at.limited_by == "focus" and at.gradable
+    past = assess_quality(retina, retina_fov, QualityConfig(min_focus=value + 0.01))
+    assert past.score == pytest.approx(0.5 - 0.5 * 0.01 / 0.1) and not past.gradable
+    # blur lowers the score step by step; a photo without a field scores 0
+    scores = [assess_quality(blur(retina, s), retina_fov).score for s in (4, 6, 8, 12)]
+    assert all(a > b for a, b in zip(scores, scores[1:])), scores
+    assert scores[1] > 0.5 > scores[2]
+    assert assess_quality(np.zeros((64, 64, 3), np.uint8)).score == 0.0

@@ -8,15 +8,20 @@ where each number comes from.
 
     from edgeretina.phantom import PhantomConfig, render_case, generate_dataset
     case = render_case(7)                                   # one PhantomCase, deterministic by seed
+    framed = render_case(7, PhantomConfig(framing="export_panel"))   # a named framing (framing.py)
     labels = generate_dataset("data/phantom", n=2000, seed=0, config=PhantomConfig(size=512))
 """
 
 from edgeretina.phantom.config import DEFAULT_GRADE_WEIGHTS, PhantomCase, PhantomConfig
+from edgeretina.phantom.framing import DEFAULT_FRAMING_MIX, FAULTS, FRAMINGS
 from edgeretina.phantom.dataset import LABEL_COLUMNS, case_id, case_seed, generate_dataset
 from edgeretina.phantom.render import render_case
 
 __all__ = [
+    "DEFAULT_FRAMING_MIX",
     "DEFAULT_GRADE_WEIGHTS",
+    "FAULTS",
+    "FRAMINGS",
     "LABEL_COLUMNS",
     "PhantomCase",
     "PhantomConfig",

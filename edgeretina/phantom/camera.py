@@ -53,8 +53,11 @@ class Camera:
         return {k: float(v) for k, v in asdict(self).items()}
 
 
-def sample_camera(rng: np.random.Generator, size: int, variation: float) -> Camera:
-    """Framing and sensor settings of one photograph; variation 0 gives the ideal camera."""
+def sample_camera(rng: np.random.Generator, size: int, variation: float, degrade: bool = True) -> Camera:
+    """Framing and sensor settings of one photograph; variation 0 gives the ideal camera.
+
+    degrade=False: never one of the strongly degraded photographs (the draw that would choose one is
+    still made, so the ordinary photographs of both settings agree up to that point)."""
     v = variation
     scale = size / 512.0  # pixel quantities below are tuned at 512 px and scale with the image
     aspect = float(rng.choice(ASPECTS, p=ASPECT_WEIGHTS)) if rng.random() < v else 1.0
@@ -69,7 +72,7 @@ def sample_camera(rng: np.random.Generator, size: int, variation: float) -> Came
     cy = size / 2 + v * float(np.clip(rng.normal(0, 0.012), -0.025, 0.025)) * size
     field_deg = float(rng.choice((40.0, 45.0, 50.0), p=(0.15, 0.7, 0.15))) if rng.random() < v else 45.0
 
-    degraded = rng.random() < DEGRADED_FRACTION * v
+    degraded = rng.random() < DEGRADED_FRACTION * v and degrade
     gain = math.exp(rng.normal(0, 0.12 * v))
     wb = np.exp(rng.normal(0, 0.05 * v, size=3))
     wb /= wb[1]  # white balance is relative to green
@@ -113,6 +116,15 @@ def fov_mask(camera: Camera) -> np.ndarray:
     return mask.astype(np.float32) * (1.0 / 255.0)
 
 
+def fraction_inside(cx: float, cy: float, r: float, width: float, height: float) -> float:
+    """Share of the circle's area inside the image [0, W] x [0, H] (midpoint rule over 1024 strips)."""
+    n = 1024
+    xs = cx - r + (np.arange(n) + 0.5) * (2 * r / n)
+    half = np.sqrt(np.maximum(r * r - (xs - cx) ** 2, 0.0))
+    chord = np.clip(np.minimum(cy + half, height) - np.maximum(cy - half, 0.0), 0.0, None)
+    return float(np.sum(chord * ((xs >= 0) & (xs <= width))) * (2 * r / n) / (math.pi * r * r))
+
+
 def illumination(camera: Camera) -> np.ndarray:
     """float32 HxW relative brightness: vignetting towards the rim plus a gentle tilt, 1 at the centre."""
     # The field is smooth, so compute it on a quarter-size grid and upsample.
@@ -127,10 +139,12 @@ def illumination(camera: Camera) -> np.ndarray:
     return cv2.resize(light.astype(np.float32), (camera.width, camera.height), interpolation=cv2.INTER_LINEAR)
 
 
-def expose(canvas: Canvas, camera: Camera, rng: np.random.Generator) -> np.ndarray:
-    """Photograph the retina (its reflectance, changed in place) -> uint8 HxWx3 RGB as the sensor records it."""
+def expose(canvas: Canvas, camera: Camera, rng: np.random.Generator, lit: np.ndarray | None = None) -> np.ndarray:
+    """Photograph the retina (its reflectance, changed in place) -> uint8 HxWx3 RGB as the sensor records it.
+
+    lit: where the retina is lit (float32 HxW, 0-1); default the field-of-view circle."""
     light = illumination(camera)
-    light *= fov_mask(camera)
+    light *= fov_mask(camera) if lit is None else lit
     scratch = canvas.scratch
     gains = (camera.wb_r * camera.gain, camera.wb_g * camera.gain, camera.wb_b * camera.gain)
     for plane, gain in zip(canvas.planes, gains):

@@ -9,6 +9,7 @@ import numpy as np
 
 from edgeretina.errors import ConfigError
 from edgeretina.grades import NUM_GRADES
+from edgeretina.phantom.framing import FAULTS, FRAMINGS
 
 MIN_SIZE = 64
 MAX_SIZE = 4096
@@ -26,12 +27,21 @@ class PhantomConfig:
     camera_variation: 0 = ideal camera (centred full field, no blur, noise or tint), 1 = realistic spread
         including a small fraction of strongly degraded photographs.
     jpeg: datasets are written as JPEG with the sampled camera quality (camera-like) or as lossless PNG.
+    framing: "mixed" draws each photograph's framing from framing.DEFAULT_FRAMING_MIX; a preset name
+        (framing.FRAMINGS: "standard", "grey_frame", "notch", ...) frames every photograph that way.
+    faults: "mixed" keeps the camera's own small share of strongly degraded photographs; "none" never
+        degrades one; a fault name (framing.FAULTS: "defocus", "under_exposed", ...) gives every
+        photograph that one fault, its strength drawn from the fault's range.
+    fault_strength: with a fault name, this strength (in the units of framing.FAULTS) instead of a draw.
     """
 
     size: int = 512
     grade_weights: tuple[float, ...] = DEFAULT_GRADE_WEIGHTS
     camera_variation: float = 1.0
     jpeg: bool = True
+    framing: str = "mixed"
+    faults: str = "mixed"
+    fault_strength: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)):
@@ -47,6 +57,15 @@ class PhantomConfig:
             raise ConfigError("grade_weights must not all be zero")
         if not (isinstance(self.camera_variation, (int, float)) and 0.0 <= self.camera_variation <= 1.0):
             raise ConfigError(f"camera_variation must be in [0, 1], got {self.camera_variation!r}")
+        if self.framing not in ("mixed", *FRAMINGS):
+            raise ConfigError(f"framing must be 'mixed' or one of {', '.join(FRAMINGS)}, got {self.framing!r}")
+        if self.faults not in ("mixed", "none", *FAULTS):
+            raise ConfigError(f"faults must be 'mixed', 'none' or one of {', '.join(FAULTS)}, got {self.faults!r}")
+        if self.fault_strength is not None and (
+                self.faults not in FAULTS or isinstance(self.fault_strength, bool)
+                or not isinstance(self.fault_strength, (int, float)) or not 0 < self.fault_strength < math.inf):
+            raise ConfigError(f"fault_strength needs a fault name and a positive number, got faults={self.faults!r}, "
+                              f"fault_strength={self.fault_strength!r}")
         object.__setattr__(self, "grade_weights", tuple(float(w) for w in weights))
 
 
@@ -62,6 +81,9 @@ class PhantomCase:
     fov: (cx, cy, radius) of the field-of-view circle in pixels; it may extend past the image edge.
     camera: the camera parameters the photograph was taken with.
     anatomy: disc and fovea position, disc diameter in pixels, eye (0 right, 1 left), cup-to-disc ratio.
+    framing: the framing preset (framing.FRAMINGS); surround: what it drew around the field (frame level,
+        notch, bars, text).
+    fault: the forced fault (framing.FAULTS), or None; fault_strength: its strength, in the units of FAULTS.
     """
 
     image: np.ndarray
@@ -72,3 +94,7 @@ class PhantomCase:
     fov: tuple[float, float, float]
     camera: dict[str, float]
     anatomy: dict[str, float] = field(default_factory=dict)
+    framing: str = "standard"
+    surround: dict = field(default_factory=dict)
+    fault: str | None = None
+    fault_strength: float | None = None
