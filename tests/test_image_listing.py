@@ -46,3 +46,13 @@ def test_list_images_rejects_a_missing_folder_or_a_file(tmp_path):
     (tmp_path / "one.jpg").write_bytes(b"x")
     with pytest.raises(DatasetError):
         list_images(tmp_path / "one.jpg")
+
+
+@pytest.mark.parametrize("name", ["scan.dcm.part", "1.2.840.99.tmp", "scan.dcm.crdownload", "scan.dcm~"])
+def test_a_dicom_still_being_copied_is_not_listed_until_renamed(tmp_path, name):
+    """A half-copied DICOM carries its marker from the first bytes; its temporary name keeps it out."""
+    partial = tmp_path / name
+    partial.write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
+    assert list_images(tmp_path) == []
+    final = partial.rename(tmp_path / "scan")          # renamed when complete: no suffix, found by its marker
+    assert list_images(tmp_path) == [final]
