@@ -11,6 +11,7 @@ import zlib
 import cv2
 import numpy as np
 import pytest
+import simplejpeg
 from PIL import Image, ImageFile, ImageOps
 
 from edgeretina import preprocess as pp
@@ -300,9 +301,9 @@ def _png_header_only(width: int, height: int) -> bytes:
 @pytest.fixture
 def pixel_decodes(monkeypatch) -> list[str]:
     """Every pixel decode decode_image can start: Pillow's ImageFile.load (which np.asarray and convert call
-    too) and OpenCV's imdecode, each recorded and then run for real."""
+    too), libjpeg-turbo through simplejpeg and OpenCV's imdecode, each recorded and then run for real."""
     calls: list[str] = []
-    pillow_load, opencv_decode = ImageFile.ImageFile.load, cv2.imdecode
+    pillow_load, opencv_decode, turbo_decode = ImageFile.ImageFile.load, cv2.imdecode, simplejpeg.decode_jpeg
 
     def load(self, *args, **kwargs):
         calls.append(f"Pillow {self.format}")
@@ -312,19 +313,27 @@ def pixel_decodes(monkeypatch) -> list[str]:
         calls.append("OpenCV")
         return opencv_decode(*args, **kwargs)
 
+    def decode_jpeg(*args, **kwargs):
+        calls.append("libjpeg-turbo")
+        return turbo_decode(*args, **kwargs)
+
     monkeypatch.setattr(ImageFile.ImageFile, "load", load)
     monkeypatch.setattr(cv2, "imdecode", imdecode)
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", decode_jpeg)
     return calls
 
 
 def test_pixel_decodes_are_seen(pixel_decodes):
-    """The spy of the next test sees both decoders (else its empty list would prove nothing)."""
+    """The spy of the next test sees the three decoders (else its empty list would prove nothing)."""
     png, jpeg = encode(pattern(), ".png"), encode(pattern(), ".jpg")
     decode_image(png)
     assert set(pixel_decodes) == {"Pillow PNG"}   # load() is called more than once; all but the first return
     pixel_decodes.clear()
     decode_image(jpeg)
-    assert pixel_decodes == ["OpenCV"]
+    assert pixel_decodes == ["libjpeg-turbo"]
+    pixel_decodes.clear()
+    float_tiff = cv2.imencode(".tiff", pattern().astype(np.float32) / 255)[1].tobytes()   # a TIFF Pillow cannot read
+    assert decode_image(float_tiff).shape[2] == 3 and pixel_decodes == ["OpenCV"]
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow's own, above 89 MP
@@ -556,7 +565,7 @@ def test_preprocess_is_prepare_then_normalize(retina):
 
 
 def test_jpeg_fast_path_gives_pillows_pixels(retina):
-    """A 1411 px JPEG goes through OpenCV's libjpeg-turbo (the fast path; its speed is measured in
+    """A 1411 px JPEG goes through libjpeg-turbo directly (the fast path; its speed is measured in
     benchmarks/runtime_costs.py): the same pixels as Pillow's decode, and so the same model input."""
     data = encode(retina, ".jpg", quality=95)
     pillow = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from edgeretina.cli import app
+from edgeretina.cli._logs import LogOption, warnings_to_log
 from edgeretina.errors import ConfigError
 
 
@@ -25,13 +26,15 @@ def bench(
     rounds: Annotated[int, typer.Option("--rounds", min=1, help="Rounds the timed runs are spread over (round-robin).")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON instead of a table.")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for bench.json and bench.png.")] = None,
+    log: LogOption = None,
 ) -> None:
     """Latency, throughput, memory and fidelity of each bundle x backend x threads x batch, each in its own process."""
     from edgeretina.bench import BenchConfig, format_table, run_bench, write_results
 
     config = BenchConfig(bundles=list(bundles), reference=reference, backends=_names(backend), threads=_ints(threads, "--threads"),
                          batches=_ints(batch, "--batch"), images=images, runs=runs, warmup=warmup, rounds=rounds)
-    result = run_bench(config, log=_log)
+    with warnings_to_log(log):
+        result = run_bench(config, log=_log)
     typer.echo(json.dumps(result.rows, indent=2) if as_json else format_table(result))
     if out is not None:
         written = [path for path in write_results(result, out, log=_log) if path is not None]

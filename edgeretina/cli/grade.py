@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 import typer
 
 from edgeretina.cli import app
+from edgeretina.cli._logs import LogOption, warnings_to_log
 from edgeretina.cli._options import Backend, enum_value, BundleOption, ThreadsOption, TrustOption, VerifyOption, trust_setting, verify_setting
 
 EXIT_SOME_FAILED = 3
@@ -27,6 +28,7 @@ def grade(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
     verify: VerifyOption = True,
     trust: TrustOption = None,
+    log: LogOption = None,
 ) -> None:
     """Grade fundus photographs with an exported bundle; a multi-frame DICOM gives one record per frame.
     Exit code 3 when any file failed."""
@@ -34,9 +36,10 @@ def grade(
     from edgeretina.runtime.grader import Grader
     from edgeretina.runtime.report import format_table, records_json, write_csv
 
-    grader = Grader(bundle, backend=enum_value(backend), threads=threads, device=device, trust=trust_setting(trust),
-                    verify=verify_setting(verify))
-    records = grade_paths(grader, paths, overlays=overlays, batch_size=batch_size, cards=cards)
+    with warnings_to_log(log):
+        grader = Grader(bundle, backend=enum_value(backend), threads=threads, device=device, trust=trust_setting(trust),
+                        verify=verify_setting(verify))
+        records = grade_paths(grader, paths, overlays=overlays, batch_size=batch_size, cards=cards)
     if csv_path is not None:
         write_csv(csv_path, records)
     typer.echo(records_json(records) if as_json else format_table(records))

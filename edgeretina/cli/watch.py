@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 import typer
 
 from edgeretina.cli import app
+from edgeretina.cli._logs import warnings_to_log
 from edgeretina.cli._options import Backend, enum_value, BundleOption, ThreadsOption, TrustOption, VerifyOption, trust_setting, verify_setting
 
 
@@ -22,6 +23,8 @@ def watch(
     device: Annotated[Optional[str], typer.Option("--device", help="Backend device (as for grade).")] = None,
     trust: TrustOption = None,
     verify: VerifyOption = True,
+    log: Annotated[Optional[Path], typer.Option(
+        "--log", help="Append warnings (codec messages about damaged files) to this file (default: OUT/watch.log).")] = None,
 ) -> None:
     """Grade every new photograph in FOLDER once, when it is completely written; Ctrl-C stops."""
     from edgeretina.runtime.watch import WatchConfig, watch as run_watch
@@ -29,7 +32,8 @@ def watch(
     config = WatchConfig(folder=folder, bundle=bundle, out=out, interval=interval, overlays=overlays,
                          once=once, backend=enum_value(backend), threads=threads, device=device, trust=trust_setting(trust),
                          verify=verify_setting(verify))
-    summary = run_watch(config, on_record=_print_record)
+    with warnings_to_log(log or out / "watch.log", create_folder=log is None):
+        summary = run_watch(config, on_record=_print_record)
     typer.echo(f"graded {summary.graded} image(s), {summary.errors} error(s); results in {out / 'results.jsonl'}")
 
 
