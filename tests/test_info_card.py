@@ -13,7 +13,7 @@ import pytest
 from edgeretina.dataset import read_labels
 from edgeretina.runtime import Grader
 from edgeretina.runtime.batch import grade_paths
-from edgeretina.runtime.card import HEIGHT, WIDTH, render_card, write_card_png
+from edgeretina.runtime.card import HEIGHT, WIDTH, heading, quality_lines, render_card, write_card_png
 from edgeretina.runtime.info import format_info, inspect_bundle
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -123,6 +123,33 @@ def test_cards_for_a_gradable_and_an_ungradable_photo(graded_pair, tmp_path):
         assert card.std() > 20                     # something was drawn, not a blank canvas
     # The two cards differ where the overlay goes: a heat map for one, a grey "not graded" tile for the other.
     assert not np.array_equal(render_card(gradable)[60:360, 360:660], render_card(ungradable)[60:360, 360:660])
+
+
+def test_card_says_the_score_and_what_failed_not_every_measure(graded_pair):
+    gradable, ungradable = graded_pair
+    quality = gradable.record.quality
+    assert quality_lines(quality) == [f"gradability score {quality['score']:.2f}, limited by {quality['limited_by']}"]
+    quality = ungradable.record.quality
+    lines = quality_lines(quality)
+    assert quality["triggers"] and len(lines) == 1 + len(quality["triggers"])
+    assert lines[0].startswith(f"gradability score {quality['score']:.2f}")
+    for line, trigger in zip(lines[1:], quality["triggers"]):
+        assert line == f"{trigger['measure']} = {trigger['value']:.3g}   fails {trigger['rule']}"
+    assert [t["reason"] for t in quality["triggers"]] == ["no_field_of_view", "too_dark"]   # a 5 % exposure
+    assert quality_lines(None) == []
+
+
+def test_card_heading_names_the_dicom_frame_and_eye(onnx_bundle, phantom_test, tmp_path):
+    fx = pytest.importorskip("_dicom_fixtures")
+    photos = [cv2.imread(str(item.path))[..., ::-1] for item in read_labels(phantom_test)[:3]]
+    stereo = fx.save(fx.per_frame_laterality(fx.image_dataset(photos), ["R", "L", "R"]), tmp_path / "stereo.dcm")
+    single = fx.save(fx.image_dataset(photos[:1]), tmp_path / "single.dcm")
+    records = grade_paths(Grader(onnx_bundle, threads=1), [stereo, single, read_labels(phantom_test)[0].path],
+                          cards=tmp_path / "cards")
+    assert [heading(r) for r in records] == [
+        "stereo.dcm  (frame 1/3, right eye)", "stereo.dcm  (frame 2/3, left eye)", "stereo.dcm  (frame 3/3, right eye)",
+        "single.dcm  (eye not recorded)", Path(read_labels(phantom_test)[0].path).name]
+    assert len(list((tmp_path / "cards").glob("*.png"))) == 5
 
 
 def test_a_card_for_a_file_that_failed_to_decode(onnx_bundle, tmp_path):

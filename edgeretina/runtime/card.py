@@ -43,7 +43,7 @@ def render_card(graded: GradedImage, bank_thumbnails: Mapping[str, np.ndarray] |
     """
     canvas = np.full((HEIGHT, WIDTH, 3), BACKGROUND, np.uint8)
     record = graded.record
-    _text(canvas, os.path.basename(record.file), (MARGIN, MARGIN + 18), 0.6, INK, 2)
+    _text(canvas, heading(record), (MARGIN, MARGIN + 18), 0.6, INK, 2)
     top = MARGIN + 28
     left_photo, left_overlay, left_panel = MARGIN, 2 * MARGIN + TILE, 3 * MARGIN + 2 * TILE
     _tile(canvas, graded.image, left_photo, top, "no photo")
@@ -60,6 +60,31 @@ def write_card_png(path: str | os.PathLike, graded: GradedImage,
                    bank_thumbnails: Mapping[str, np.ndarray] | None = None) -> Path:
     """Render the card and write it as a PNG atomically."""
     return write_png(path, render_card(graded, bank_thumbnails))
+
+
+def heading(record) -> str:
+    """The card's first line: the file, and for a DICOM which frame of how many and which eye."""
+    name = os.path.basename(record.file)
+    dicom = record.dicom
+    if not dicom:
+        return name
+    parts = [f"frame {dicom['frame']}/{dicom['frames']}"] if dicom.get("frames", 1) > 1 else []
+    parts.append(_EYES.get(dicom.get("laterality"), "eye not recorded"))
+    return f"{name}  ({', '.join(parts)})"
+
+
+_EYES = {"L": "left eye", "R": "right eye"}
+
+
+def quality_lines(quality: dict | None) -> list[str]:
+    """What the card says about image quality: the gradability score and the measure that limits it, then
+    each comparison that failed with its value and rule (the measures a technician can act on, not all 13)."""
+    if not quality:
+        return []
+    limited = f", limited by {quality['limited_by']}" if quality.get("limited_by") else ""
+    lines = [f"gradability score {float(quality.get('score', 0.0)):.2f}{limited}"]
+    lines += [f"{t['measure']} = {float(t['value']):.3g}   fails {t['rule']}" for t in quality.get("triggers", [])]
+    return lines
 
 
 def _panel(canvas: np.ndarray, graded: GradedImage, x: int, y: int) -> None:
@@ -104,10 +129,8 @@ def _quality(canvas: np.ndarray, quality: dict | None, x: int, y: int) -> None:
     if not quality:
         return
     _text(canvas, "quality", (x, y + 14), 0.5, INK, 2)
-    measures = quality.get("measures", {})
-    shown = [f"{name} {value:.3g}" for name, value in measures.items()]
-    for i, line in enumerate(_pairs(shown)):
-        _text(canvas, line, (x, y + 36 + 18 * i), 0.4, MUTED, 1)
+    for i, line in enumerate(quality_lines(quality)):
+        _text(canvas, line, (x, y + 36 + 18 * i), 0.42, INK, 1)
 
 
 def _neighbors(canvas: np.ndarray, neighbors: list[dict], thumbnails: Mapping[str, np.ndarray], x: int, y: int) -> None:
@@ -162,10 +185,6 @@ def _wrapped(canvas: np.ndarray, text: str, x: int, y: int, colour: tuple, scale
         _text(canvas, line, (x, y), scale, colour, 1)
         y += 20
     return y
-
-
-def _pairs(items: list[str]) -> list[str]:
-    return ["   ".join(items[i:i + 2]) for i in range(0, len(items), 2)]
 
 
 def _text(canvas: np.ndarray, text: str, origin: tuple[int, int], scale: float, colour: tuple, weight: int) -> None:
