@@ -38,12 +38,10 @@ import argparse
 import json
 import os
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")       # before numpy and onnxruntime, like knn.py
@@ -80,16 +78,6 @@ print(json.dumps({"error": graded.record.error, "gradable": graded.record.gradab
 """
 
 
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height RGB pixels, with 16 bytes of image data."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = chunk(b"IDAT", zlib.compress(b"\x00" * 16))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + idat + chunk(b"IEND", b"")
-
-
 def refuse(data: bytes) -> None:
     from edgeretina.errors import ImageDecodeError
     from edgeretina.preprocess import decode_image
@@ -109,6 +97,7 @@ def time_image_stages(retina: np.ndarray, runs: int) -> dict:
 
     from PIL import Image
 
+    from edgeretina.phantom.damage import png_header_only
     from edgeretina.preprocess import PreprocessConfig, decode_image, detect_fov, prepare
     from edgeretina.quality import assess_quality
     from edgeretina.runtime.grader import IMAGE_THREADS

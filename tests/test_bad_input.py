@@ -10,10 +10,8 @@ from __future__ import annotations
 import csv
 import json
 import os
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import cv2
@@ -23,6 +21,7 @@ from PIL import Image
 
 from edgeretina.bundle import load_bundle
 from edgeretina.errors import BundleError, ImageDecodeError
+from edgeretina.phantom.damage import png_header_only
 from edgeretina.preprocess import MAX_PIXELS, decode_image
 from edgeretina.runtime import Grader
 
@@ -46,16 +45,9 @@ def _save(path: Path, rgb: np.ndarray, **params) -> Path:
     return path
 
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
 def _bomb_png(path: Path, side: int = 100_000) -> Path:
     """A valid-looking PNG whose header claims side x side pixels, with a few bytes of data."""
-    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    data = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(b"\0" * 64)) \
-        + _png_chunk(b"IEND", b"")
-    path.write_bytes(data)
+    path.write_bytes(png_header_only(side, side, data_bytes=64))
     return path
 
 

@@ -1,5 +1,6 @@
 """The benchmark scripts end to end on tiny inputs: benchmarks/reference.py on the tiny preset (the real run
-builds ViT-B-16 and ViT-S-16), knn.py on a small bank, runtime_costs.py on a small "huge" photo."""
+builds ViT-B-16 and ViT-S-16), knn.py on a small bank, runtime_costs.py on a small "huge" photo, fuzz_decode.py
+on a few dozen damaged files per format."""
 
 from __future__ import annotations
 
@@ -110,3 +111,35 @@ def test_runtime_costs_benchmark_records_every_target(tmp_path, onnx_bundle):
         assert row["passed"] == (row["value"] < row["limit"]) and row["from"].startswith("tests/")
     assert result["passed"] == all(r["passed"] for r in rows)
     assert (m["quality_ms"], m["huge_jpeg_peak_rss_mb"]) == (rows[3]["value"], rows[4]["value"])
+
+
+def test_fuzz_benchmark_counts_every_case_and_sees_crashes_and_hangs(tmp_path):
+    """benchmarks/fuzz_decode.py on 40 damaged files per format: every case lands in exactly one count, none is a
+    crash, hang or unexpected exception, and its self-check shows that a worker killed by SIGSEGV and a case past
+    the timeout are counted (and the run goes on) rather than ending it."""
+    formats = ["jpeg", "png", "tiff"] + (["dicom"] if _has("pydicom") else [])
+    done = subprocess.run([sys.executable, str(SCRIPT.with_name("fuzz_decode.py")), "--out", str(tmp_path),
+                           "--seconds-per-format", "60", "--max-cases", "40", "--workers", "2", "--self-check",
+                           "--formats", ",".join(formats), "--check"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads((tmp_path / "fuzz_decode.json").read_text())
+    assert result["machine"]["cpu"] and result["machine"]["cpu_class"] and result["machine"]["codecs"]["pillow"]
+    assert result["self_check"]["passed"] and [f["kind"] for f in result["self_check"]["findings"]] == ["crash", "hang"]
+    assert list(result["formats"]) == formats and result["settings"]["timeout_s"] == 10.0
+    for fmt, counts in result["formats"].items():
+        assert counts["cases"] == 40 == sum(counts[k] for k in ("graded", "refused", "crashes", "hangs", "unexpected",
+                                                                "insane")), (fmt, counts)
+        assert (counts["crashes"], counts["hangs"], counts["unexpected"], counts["insane"]) == (0, 0, 0, 0), counts
+        assert counts["refused"] == sum(counts["refused_by_message"].values()) and counts["graded"] > 0, counts
+        times = counts["seconds_per_case"]
+        assert 0 < times["median"] <= times["p99"] <= times["max"] == counts["slowest_case"]["seconds"], times
+        assert counts["peak_rss_mib"] >= counts["idle_worker_rss_mib"] > 0
+    totals = result["totals"]
+    assert totals["cases"] == 40 * len(formats) and totals["crashes"] == totals["hangs"] == 0
+    assert not (tmp_path / ".scratch").exists() and not (tmp_path / "reproducers").exists()
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None

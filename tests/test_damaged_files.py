@@ -14,9 +14,11 @@ import io
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
 import textwrap
+import zlib
 from pathlib import Path
 
 import cv2
@@ -111,6 +113,54 @@ def test_unusual_but_whole_jpegs_still_decode(retina, jpeg):
 def test_corrupt_tiff_data_is_an_error_naming_libtiff(retina):
     with pytest.raises(ImageDecodeError, match=CORRUPT_TIFF):
         decode_image(_damaged_tiff(retina))
+
+
+def _interlaced_png(rgb: np.ndarray) -> bytes:
+    """An Adam7-interlaced 8-bit RGB PNG, written by hand (Pillow and OpenCV write only non-interlaced ones)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    raw = b""
+    for x0, y0, dx, dy in ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+                           (0, 1, 1, 2)):
+        sub = np.ascontiguousarray(rgb[y0::dy, x0::dx])
+        if sub.size:
+            raw += b"".join(b"\x00" + row.tobytes() for row in sub)
+    height, width = rgb.shape[:2]
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 1)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+            + chunk(b"IEND", b""))
+
+
+def test_pixel_data_short_of_the_rows_the_header_claims_is_refused(retina):
+    """A PNG whose zlib stream closes early, and an interlaced one, and a TIFF with a strip less than it claims:
+    Pillow decodes them with the missing rows black; decode_image refuses them. Whole files decode."""
+    small = np.ascontiguousarray(retina[::4, ::4])
+    interlaced = _interlaced_png(small)
+    assert interlaced[28] == 1
+    np.testing.assert_array_equal(decode_image(interlaced), small)
+    pixels_end = interlaced.index(b"IEND") - 4
+    idat = interlaced.index(b"IDAT")
+    raw = zlib.decompress(interlaced[idat + 4: pixels_end - 4])
+    short = zlib.compress(raw[: len(raw) * 9 // 10])          # a whole zlib stream, 10 % of the pixel data short
+    body = b"IDAT" + short
+    cut = interlaced[: idat - 4] + struct.pack(">I", len(short)) + body + struct.pack(">I", zlib.crc32(body)) \
+        + interlaced[pixels_end:]
+    with pytest.raises(ImageDecodeError, match=r"^truncated or corrupt image \(PNG pixel data ends early"):
+        decode_image(cut)
+    buffer = io.BytesIO()
+    Image.fromarray(small).save(buffer, "TIFF")        # uncompressed
+    edited = bytearray(buffer.getvalue())   # ImageLength doubled: the strips then cover half the rows
+    ifd = int.from_bytes(edited[4:8], "little")
+    for i in range(int.from_bytes(edited[ifd: ifd + 2], "little")):
+        entry = ifd + 2 + 12 * i
+        if int.from_bytes(edited[entry: entry + 2], "little") == 257:      # ImageLength
+            kind = int.from_bytes(edited[entry + 2: entry + 4], "little")
+            width = 2 if kind == 3 else 4
+            edited[entry + 8: entry + 8 + width] = (small.shape[0] * 2).to_bytes(width, "little")
+    with pytest.raises(ImageDecodeError, match=r"^truncated or corrupt image \(TIFF strips cover \d+ of "
+                                               + str(small.shape[0] * 2) + r" rows\)"):
+        decode_image(bytes(edited))
 
 
 # ---- grading -----------------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import struct
-import zlib
 
 import cv2
 import numpy as np
@@ -16,6 +15,7 @@ from PIL import Image, ImageFile, ImageOps
 
 from edgeretina import preprocess as pp
 from edgeretina.errors import ConfigError, ImageDecodeError
+from edgeretina.phantom.damage import png_header_only
 from edgeretina.preprocess import (
     CLIP_MEAN,
     CLIP_STD,
@@ -289,15 +289,6 @@ def test_decode_truncated_jpeg_with_a_complete_thumbnail_inside_raises(retina):
         decode_image(data[: len(data) * 3 // 4])
 
 
-def _png_header_only(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = chunk(b"IDAT", zlib.compress(b"\x00" * 16))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + idat + chunk(b"IEND", b"")
-
-
 @pytest.fixture
 def pixel_decodes(monkeypatch) -> list[str]:
     """Every pixel decode decode_image can start: Pillow's ImageFile.load (which np.asarray and convert call
@@ -342,7 +333,7 @@ def test_decode_refuses_huge_images_from_the_header(size, pixel_decodes):
     """120 < 132 MP < Pillow's own limit, and 900 MP beyond it: both refused before decoding a pixel (how
     long that takes is in benchmarks/runtime_costs.py)."""
     with pytest.raises(ImageDecodeError, match=r"^image too large \("):
-        decode_image(_png_header_only(*size))
+        decode_image(png_header_only(*size))
     assert pixel_decodes == []
 
 

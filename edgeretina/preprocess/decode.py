@@ -16,7 +16,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from edgeretina.errors import ImageDecodeError
 from edgeretina.preprocess.dicom import DICOM_SUFFIXES, decode_dicom, has_dicom_magic
-from edgeretina.preprocess.formats import _describe_unknown, _missing_end_marker, _tiff_size
+from edgeretina.preprocess.formats import _describe_unknown, _missing_end_marker, _rows_missing, _tiff_size
 
 #: Largest image (width x height) ``decode_image`` accepts, checked from the header before any pixel
 #: is decoded. 120 MP is twice the largest fundus camera sensor we know of (~61 MP full-frame
@@ -69,6 +69,9 @@ def decode_image(source: str | os.PathLike | bytes, max_side: int = 0, frame: in
         raise ImageDecodeError(f"truncated or corrupt image (size {width} x {height})" + where)
     if _missing_end_marker(data, im.format):
         raise ImageDecodeError(f"truncated or corrupt image (no {im.format} end marker)" + where)
+    missing = _rows_missing(data, im)
+    if missing:
+        raise ImageDecodeError(f"truncated or corrupt image ({missing})" + where)
     rgb = None
     if im.format == "JPEG" and im.mode in ("RGB", "L"):
         rgb = _strict_jpeg(data, im.size, _jpeg_reduction(max(width, height), max_side), where)

@@ -72,6 +72,8 @@ def detect_fov(rgb: np.ndarray) -> FieldOfView:
     # Working pixel j is photo pixel j * k + k // 2; the last rows/columns just count as "edge".
     k = max(1, max(height, width) // _FOV_WORK_SIZE)
     hs, ws = height // k, width // k
+    if hs == 0 or ws == 0:  # a sliver (e.g. 2 x 3000 px) has no working copy, and no room for a circle
+        return fallback
     small = rgb if k == 1 else rgb[k // 2 :: k, k // 2 :: k][:hs, :ws]
     shift = k // 2 + 0.5 - k / 2.0  # working (j + 0.5) * k + shift = photo pixel centre
     brightest = np.maximum(np.maximum(small[..., 0], small[..., 1]), small[..., 2])
@@ -115,8 +117,10 @@ def _check_rgb(rgb: np.ndarray) -> np.ndarray:
     if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         desc = f"{rgb.dtype} {rgb.shape}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
         raise ValueError(f"expected an RGB uint8 array of shape (H, W, 3), got {desc}")
-    if rgb.shape[0] < 2 or rgb.shape[1] < 2:
-        raise ValueError(f"image too small: {rgb.shape[1]} x {rgb.shape[0]}")
+    # Any decoded photo, however small (decode_image returns 1 x 1 images): it has no field of view, and the
+    # quality gate says so; only an empty array is not an image.
+    if rgb.shape[0] < 1 or rgb.shape[1] < 1:
+        raise ValueError(f"empty image: {rgb.shape[1]} x {rgb.shape[0]}")
     return rgb
 
 
