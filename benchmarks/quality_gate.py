@@ -11,11 +11,12 @@ Three measurements (issue 12):
    error and radius error, as a share of the radius) and the largest of those per framing.
 2. Missed ungradable on faults. `--per-fault` photographs of each fault preset (`edgeretina.phantom.FAULTS`:
    defocus blur 2.5-4 px per 512 px, under-exposure gain 0.1-0.25, over-exposure gain 2.5-4, heavy haze
-   0.6-0.85, strong noise 0.12-0.2), the framing cycling through every preset; counted: judged ungradable,
-   and judged ungradable with the fault's own reason; then `--per-bound` photographs of each fault at the weak
-   end of its range (blur 2.5, gain 0.25 and 2.5, haze 0.6, noise 0.12). Gains are relative to a metered
-   exposure (`edgeretina.phantom.framing.metered_gain`). Also the measures and reasons of retina.jpg and
-   degradations of it (gain, blur, veil, noise, JPEG q 10).
+   0.6-0.85, strong noise 0.12-0.2, an eyelid hiding 0.12-0.2 of the field), the framing cycling through every
+   preset; counted: judged ungradable, and judged ungradable with the fault's own reason; then `--per-bound`
+   photographs of each fault at the weak end of its range (blur 2.5, gain 0.25 and 2.5, haze 0.6, noise 0.12,
+   lid 0.12), and of the lid below and above its range (0.05; 0.25, 0.3, 0.4: field found or not). Gains are
+   relative to a metered exposure (`edgeretina.phantom.framing.metered_gain`). Also the measures and reasons of
+   retina.jpg and degradations of it (gain, blur, veil, noise, JPEG q 10).
 3. Time per image at the 1411 px photo size, decode excluded: `detect_fov` and `assess_quality` (the
    field of view given) on the decoded retina photograph of scikit-image (1411 x 1411) and on one 1411 px
    phantom of each framing; medians of `--runs` interleaved rounds on one OpenCV thread (the grader's).
@@ -54,7 +55,7 @@ from edgeretina.quality import assess_quality  # noqa: E402
 
 #: the reason each fault must be refused for
 EXPECTED_REASON = {"defocus": "out_of_focus", "under_exposed": "too_dark", "over_exposed": "too_bright",
-                   "heavy_haze": "media_opacity", "strong_noise": "too_noisy"}
+                   "heavy_haze": "media_opacity", "strong_noise": "too_noisy", "lid_artefact": "lid_or_lash_artefact"}
 #: reasons that also count as the right one (the gate before issue 12 reported haze as low_contrast)
 ALSO_RIGHT = {"heavy_haze": ("low_contrast",)}
 
@@ -139,7 +140,11 @@ def fault_table(per_fault: int, size: int) -> dict:
 
 
 #: the weakest strength of each fault that must still be refused
-BOUND = {"defocus": 2.5, "under_exposed": 0.25, "over_exposed": 2.5, "heavy_haze": 0.6, "strong_noise": 0.12}
+BOUND = {"defocus": 2.5, "under_exposed": 0.25, "over_exposed": 2.5, "heavy_haze": 0.6, "strong_noise": 0.12,
+         "lid_artefact": 0.12}
+#: strengths past the range, where the gate may fail in another way: a lid hiding over a fifth of the field
+#: keeps the field-of-view detection from accepting the circle (no_field_of_view)
+BEYOND = {"lid_artefact": (0.05, 0.25, 0.3, 0.4)}
 
 
 def bound_table(per_fault: int, size: int) -> dict:
@@ -155,6 +160,25 @@ def bound_table(per_fault: int, size: int) -> dict:
                        "with_right_reason": len(right)}
         print(f"  {fault:<14} at {strength:<5} {rows[fault]['ungradable']:>3} / {len(results)} ungradable, "
               f"{len(right)} for {EXPECTED_REASON[fault]}", flush=True)
+    return {"rows": rows}
+
+
+def beyond_table(per_fault: int, size: int) -> dict:
+    """Faults below and above their range (framings cycling): what the gate says there, field found or not."""
+    rows = {}
+    for fault, strengths in BEYOND.items():
+        for strength in strengths:
+            results = [judge(render_case(4000 + seed, PhantomConfig(size=size, framing=FRAMINGS[seed % len(FRAMINGS)],
+                                                                    faults=fault, fault_strength=strength)))
+                       for seed in range(per_fault)]
+            right = [r for r in results if not r["gradable"] and EXPECTED_REASON[fault] in r["reasons"]]
+            refused = [r for r in results if not r["gradable"]]
+            rows[f"{fault} {strength}"] = {
+                "fault": fault, "strength": strength, "n": len(results), "ungradable": len(refused),
+                "with_right_reason": len(right), "fov_found": sum(r["fov_found"] for r in results),
+                "reasons": dict(Counter(reason for r in refused for reason in r["reasons"]))}
+            print(f"  {fault:<14} at {strength:<5} {len(refused):>3} / {len(results)} ungradable, {len(right)} for "
+                  f"{EXPECTED_REASON[fault]}, field found in {rows[f'{fault} {strength}']['fov_found']}", flush=True)
     return {"rows": rows}
 
 
@@ -176,17 +200,38 @@ def retina_table() -> dict:
         return np.clip(np.rint(retina + np.random.default_rng(0).normal(0, sd, retina.shape) * inside), 0,
                        255).astype(np.uint8)
 
+    yy, xx = np.mgrid[: retina.shape[0], : retina.shape[1]].astype(np.float32)
+    field = inside[..., 0]
+
+    def shaded(light):
+        return np.where(inside, np.clip(np.rint(retina * light[..., None]), 0, 255), retina).astype(np.uint8)
+
+    def lid(cover, lower=False, transmission=0.15):
+        """An eyelid's shadow hiding `cover` of the field from its top (or bottom), its edge soft (sd 2 % of the
+        field's diameter), `transmission` of the light left behind it."""
+        edge = float(np.quantile(yy[field], 1.0 - cover if lower else cover))
+        across = np.clip((edge - yy if lower else yy - edge) / (0.02 * 1394.0), -30, 30)
+        return shaded(transmission + (1.0 - transmission) / (1.0 + np.exp(-across)))
+
+    def vignette(loss):
+        """The rim of the field `loss` darker than its centre (quadratic falloff): a stronger vignetting than
+        retina.jpg's own."""
+        rho2 = ((xx - 705.5) ** 2 + (yy - 705.5) ** 2) / 697.0**2
+        return shaded(1.0 - loss * np.minimum(rho2, 1.0))
+
     cases = {"original": retina, **{f"gain {g}": gain(g) for g in (0.25, 0.28, 0.3, 2.0, 2.25, 2.5, 3.0)},
              **{f"blur {s} px": cv2.GaussianBlur(retina, (0, 0), s) for s in (2, 4, 6, 7, 8)},
              **{f"haze {a}": haze(a) for a in (0.2, 0.3, 0.4, 0.5)},
-             **{f"noise sd {sd}": noise(sd) for sd in (8, 20, 30)}}
+             **{f"noise sd {sd}": noise(sd) for sd in (8, 20, 30)},
+             **{f"lid {c}": lid(c) for c in (0.05, 0.08, 0.12, 0.2)}, "lower lid 0.12": lid(0.12, lower=True),
+             **{f"vignetting {v}": vignette(v) for v in (0.4, 0.6)}}
     ok, buffer = cv2.imencode(".jpg", retina[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 10])
     cases["JPEG q 10"] = decode_image(buffer.tobytes())
     fov = detect_fov(retina)
     rows = {}
     for name, rgb in cases.items():
         report = assess_quality(rgb, fov)
-        keep = ("mean_luminance", "saturated_fraction", "focus", "contrast", "vessel_depth", "noise")
+        keep = ("mean_luminance", "saturated_fraction", "focus", "contrast", "vessel_depth", "noise", "lid_shadow")
         rows[name] = {"reasons": list(report.reasons), "score": getattr(report, "score", None),
                       **{k: round(float(report.measures[k]), 4) for k in keep if k in report.measures}}
     return rows
@@ -297,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     faults = fault_table(args.per_fault, args.size)
     print(f"faults at the weak end of their range ({args.per_bound} each):", flush=True)
     faults["at_bound"] = bound_table(args.per_bound, args.size)
+    print(f"faults outside their range ({args.per_bound} each):", flush=True)
+    faults["outside_range"] = beyond_table(args.per_bound, args.size)
     retina = retina_table()
     print(f"timing (1411 px, decode excluded, {args.runs} rounds, 1 OpenCV thread):", flush=True)
     times = None if args.no_timing else timing(args.runs, args.compare_with, args.timing_size)

@@ -1,4 +1,4 @@
-"""Gradability of a fundus photograph: field of view, exposure, focus, contrast, haze and noise.
+"""Gradability of a fundus photograph: field of view, exposure, focus, contrast, haze, noise and lid shadows.
 
 ``assess_quality`` measures inside the field of view (FOV) only, on a copy whose FOV diameter is
 scaled to a fixed working resolution (384 px; smaller photos are measured at their own resolution,
@@ -30,18 +30,26 @@ The measures (``QualityReport.measures``):
   3-4 px), over the mean green: Immerkaer's kernel, robust to structure by its median response
   (``_noise_sd``); a relative measure because what hides a lesion is noise against its own contrast,
   and that scales with the light.
+- ``lid_shadow``: the share of the measured field in shadows that enter it from its top or bottom edge, as
+  an eyelid or lashes in the light path cast them (``_lid_shadow``): on a 64 x 64 grid of cell means of the
+  red channel, the cells under half of the 75th percentile of their ring (the cells as far from the centre:
+  vignetting darkens a whole ring, a lid part of it), in connected regions that touch the field's edge within
+  60 degrees of straight up or down and lie above or below the centre (a shadow from the side is a small
+  pupil's or an off-centre camera's). Red, because blood, pigment and the macula darken it least (a
+  haemorrhage keeps over half of its red), while a lid's shadow takes every colour.
 - ``red_green_ratio`` (mean R / mean G) and ``content_levels`` (luma p98 - p2): only judged without a
   field, to tell a photograph that is not a fundus from a blank or unlit one.
 
 The checks (``FIELD_CHECKS``; each failed one is listed in ``QualityReport.triggers`` with its measure,
 value and threshold): partial_field_of_view, too_dark (mean or unlit share), too_bright (mean or
-saturated share), out_of_focus, low_contrast, media_opacity, too_noisy. Without a field of view:
+saturated share), out_of_focus, low_contrast, media_opacity, too_noisy, lid_or_lash_artefact. Without a
+field of view:
 no_field_of_view, too_dark / too_bright judged on the *median* luma of the photo's centre (a failed flash
 or a blown-out frame explains a missing field; text or a bright bar beside a field does not move the
 median, and nothing is measured over a frame as if it were a fundus), and not_a_fundus_photo when that
-centre is lit, has content and is not red-dominant (an ordinary photograph, a document). Eyelash and lid
-shadows are not judged separately: a shadow that hides the field shows as too_dark (dark_fraction); no
-phantom fault renders lashes, so no finer threshold could be set for them.
+centre is lit, has content and is not red-dominant (an ordinary photograph, a document). A lid's shadow
+that hides most of the field is too_dark as well (dark_fraction), and one that hides over a fifth of it
+often keeps the field of view from being found (no_field_of_view: its bright part no longer fills a circle).
 
 ``QualityReport.score``: each check maps its measure to [0, 1], 0.5 at its threshold and linear in
 the measure out to 1 (good side) and 0 (bad side) one ``Check.scale`` away; the score is the lowest of
@@ -71,15 +79,23 @@ noise sd 30        120    0      0.57   0.063    0.174   0.062  too_noisy
 JPEG q 10          121    0      0.48   0.063    0.163   0.002  -
 =================  =====  =====  =====  =======  ======  =====  =============================
 
+lid_shadow is 0 on all of these and on retina.jpg with a vignetting 40 % or 60 % darker at the rim; an
+eyelid's soft shadow (15 % of the light left behind it) over 5 / 8 / 12 / 20 % of the field from the top
+reads 0.018 / 0.040 / 0.081 / 0.165, and lid_or_lash_artefact applies from 12 %.
+
 On the phantom camera (``edgeretina.phantom``; benchmarks/quality_gate.py, 512 px photographs written as
 JPEG at the camera's quality, recorded in benchmarks/results/2026-12-02-amd-epyc-zen3-avx2/): none of 400
 ordinary photographs in the eight framing presets is refused (lowest score 0.64; ordinary measures:
-luma >= 60, focus >= 0.34, vessel depth >= 0.10, noise <= 0.011), and all 300 photographs with a forced
-fault are refused for the fault's own reason: defocus 2.5-4 px per 512 px (focus <= 0.28), under- and
-over-exposure 0.1-0.25 and 2.5-4 times a metered exposure (luma <= 30.5 / >= 190 with saturation), heavy
-haze 0.6-0.85 (vessel depth <= 0.074; phantom haze 0.6 reads like the 50 % veil on retina.jpg) and strong
-noise 0.12-0.2 (noise >= 0.078). At the weak end of each range the gate refuses 39-40 of 40, except heavy
-haze at exactly 0.6: 31 of 40 (eyes with severe NPDR or PDR keep dark haemorrhages under the veil).
+luma >= 60, focus >= 0.34, vessel depth >= 0.10, noise <= 0.011, lid shadow <= 0.003), and all 360
+photographs with a forced fault are refused, 359 for the fault's own reason: defocus 2.5-4 px per 512 px
+(focus <= 0.28), under- and over-exposure 0.1-0.25 and 2.5-4 times a metered exposure (luma <= 30.5 / >= 190
+with saturation), heavy haze 0.6-0.85 (vessel depth <= 0.074; phantom haze 0.6 reads like the 50 % veil on
+retina.jpg) and strong noise 0.12-0.2 (noise >= 0.078), and an eyelid hiding 0.12-0.2 of the visible field
+(lid shadow >= 0.078; one of 60 lost its field of view to the shadow: no_field_of_view). At the weak end of
+each range the gate refuses 39-40 of 40, except heavy haze at exactly 0.6: 31 of 40 (eyes with severe NPDR
+or PDR keep dark haemorrhages under the veil). A lid hiding 5 % of the field is accepted (40 of 40); past
+the range the field of view is lost more often: at 0.25 / 0.3 / 0.4, 3 / 14 / 31 of 40 (the gate refuses
+them all, but for no_field_of_view, and twice at 0.3 and 0.4 not_a_fundus_photo).
 Thresholds moved by issue 12: min_mean_luminance 25 -> 34 and max_mean_luminance 215 -> 200 (the
 exposure faults: at 0.25 and 2.5 times the metered exposure the phantom reads up to 32.7 and down to 190);
 min_focus 0.3 and min_contrast 0.025 stay. The camera's own milder faults (``degraded`` photographs,
@@ -89,6 +105,7 @@ camera.py) are partly refused now: they were drawn as strongly degraded, and by 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import cv2
@@ -103,7 +120,7 @@ __all__ = ["REASONS", "REASON_TEXT", "QualityConfig", "QualityReport", "assess_q
 
 #: Machine codes, in the order a report lists them.
 REASONS = ("no_field_of_view", "not_a_fundus_photo", "partial_field_of_view", "too_dark", "too_bright",
-           "out_of_focus", "low_contrast", "media_opacity", "too_noisy")
+           "out_of_focus", "low_contrast", "media_opacity", "too_noisy", "lid_or_lash_artefact")
 
 #: What each reason means, and what the person at the camera can do about it.
 REASON_TEXT: dict[str, str] = {
@@ -125,6 +142,9 @@ REASON_TEXT: dict[str, str] = {
                      "examination if it persists",
     "too_noisy": "the photograph is too noisy (sensor noise at a low light level): more light, less gain, "
                  "and retake",
+    "lid_or_lash_artefact": "a shadow enters the field from its top or bottom edge (the eyelid or eyelashes in the "
+                            "light path): ask the patient to open wide, lift the upper eyelid (or hold the lower one "
+                            "down) clear of the lashes, and retake",
 }
 
 
@@ -171,6 +191,11 @@ class QualityConfig:
     #: 1411 px 0.042 (gradable: 7 levels at the working scale, a fifth of a microaneurysm's contrast),
     #: sd 24 0.050, sd 30 0.062; ordinary phantoms <= 0.011, strong phantom noise (0.12) >= 0.054.
     max_noise: float = 0.05
+    #: lid_or_lash_artefact above this lid shadow (the share of the measured field shadowed from its top or
+    #: bottom edge): ordinary photographs of every phantom framing <= 0.003 (a notch), retina.jpg 0, also under a
+    #: 60 % vignetting; an eyelid over 8 % of retina.jpg's field 0.040, over 12 % 0.081. Phantom lids (80 photos
+    #: each, 512 px): hiding 5 % of the visible field 0.010-0.047, 12 % (the fault's weak end) 0.066-0.118.
+    max_lid_shadow: float = 0.05
     #: Without a field of view: not_a_fundus_photo when the photo has content (luma range of at least
     #: min_content_levels) whose red / green ratio is below this, unless it is too dark or too bright (clipping
     #: greys any fundus): a fundus is red-dominant (retina.jpg 2.5, its 50 % veil 1.8; phantoms 1.6-2.9,
@@ -238,6 +263,7 @@ FIELD_CHECKS = (
     Check("low_contrast", "contrast", "min_contrast", False, 0.02),
     Check("media_opacity", "vessel_depth", "min_vessel_depth", False, 0.05),
     Check("too_noisy", "noise", "max_noise", True, 0.03),
+    Check("lid_or_lash_artefact", "lid_shadow", "max_lid_shadow", True, 0.05),
 )
 #: Without a field of view nothing is measured inside one: the photo's centre is judged only for being
 #: unlit or blown out (its median, which text and bars beside a field do not move) and for not being a
@@ -404,6 +430,7 @@ def _measure(work: np.ndarray, region: np.ndarray) -> dict[str, float]:
         "contrast": float(mid_rms / max(mean_green, 1.0)),
         "vessel_depth": _vessel_depth(fine, green, mask, n),
         "noise": float(noise / max(mean_green, 1.0)),
+        "lid_shadow": _lid_shadow(r, mask),
         "red_green_ratio": float(cv2.mean(r, mask)[0] / max(mean_green, 1.0)),
         **_luma_levels(luma, mask, n),
     }
@@ -471,6 +498,76 @@ def _vessel_depth(fine: np.ndarray, green: np.ndarray, mask: np.ndarray, n: int)
     below = float(cdf[b - 1]) if b > 0 else 0.0
     p5 = (b + (rank - below) / max(float(hist[b]), 1.0)) * (top / bins)
     return float(1.0 - p5)
+
+
+# The lid shadow is measured on a grid of 64 x 64 cells over the field's square (a cell is 1/64 of the diameter:
+# wider than a major vessel or a lash, far narrower than a lid's shadow), in rings of 1/8 of the measured radius.
+_LID_GRID, _LID_RINGS = 64, 8
+_LID_DARK = 0.5         # a cell is shadowed under this share of its ring's reference level
+_LID_REFERENCE = 0.75   # the ring's reference level: this quantile of its cells (a lid may cover most of a ring)
+_LID_CAP = 0.5          # the field's top and bottom edge: edge cells further than this share of the radius
+                        # above or below the centre (within 60 degrees of vertical)
+
+
+@functools.lru_cache(maxsize=4)
+def _lid_radius(g: int) -> np.ndarray:
+    """Distance of each cell of a g x g grid from the grid's centre, in cells."""
+    c = np.arange(g, dtype=np.float32) + np.float32(0.5 - g / 2.0)
+    return np.hypot(c[None, :], c[:, None])
+
+
+@functools.lru_cache(maxsize=16)
+def _lid_geometry(g: int, reach: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For a field reaching ``reach`` cells from the grid's centre: each cell's ring, whether it lies far enough
+    above or below the centre to be on the field's top or bottom edge, and the rings' sort offsets."""
+    c = np.arange(g, dtype=np.float32) + np.float32(0.5 - g / 2.0)
+    ring = np.minimum((_lid_radius(g) * np.float32(_LID_RINGS / max(reach, 1e-3))).astype(np.intp), _LID_RINGS - 1)
+    capped = np.repeat((np.abs(c) > _LID_CAP * reach)[:, None], g, axis=1)
+    return ring, capped, np.arange(_LID_RINGS, dtype=np.float32) * np.float32(1024.0)
+
+
+_CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], np.uint8)
+
+
+def _lid_shadow(red: np.ndarray, mask: np.ndarray) -> float:
+    """Share of the measured field in shadows that enter it from its top or bottom edge, as an eyelid or lashes
+    in the light path cast them: on a 64 x 64 grid of cell means of the red channel (inside the region only),
+    the cells under half of the 75th percentile of their ring (the cells at the same distance from the centre:
+    vignetting darkens a whole ring, a lid only part of it), in 4-connected regions that touch the field's
+    edge within 60 degrees of straight up or down and whose centroid lies within 45 degrees of it.
+
+    Red, because blood, pigment and the macula darken it least (a haemorrhage keeps over half of its red, a
+    lid's shadow takes every colour); 75th percentile, so that a lid covering up to three quarters of a ring
+    does not hide itself."""
+    g = min(_LID_GRID, red.shape[0], red.shape[1])
+    cells = (g, g)
+    lit = cv2.resize(red * mask, cells, interpolation=cv2.INTER_AREA)
+    share = cv2.resize(mask * np.uint8(255), cells, interpolation=cv2.INTER_AREA)  # 255: the cell is all inside
+    inside8 = (share >= 128).view(np.uint8)
+    count = cv2.countNonZero(inside8)
+    if count == 0:
+        return 0.0
+    inside = inside8.view(bool)
+    level = cv2.divide(lit, share, scale=255.0, dtype=cv2.CV_32F)  # the mean red of the cell's measured pixels
+    _, reach, _, _ = cv2.minMaxLoc(_lid_radius(g), inside8)
+    ring, capped, offsets = _lid_geometry(g, reach)
+    rings = ring[inside]
+    keyed = np.sort(rings.astype(np.float32) * np.float32(1024.0) + level[inside])  # by ring, then level (< 256)
+    first = np.searchsorted(keyed, offsets)
+    n = np.bincount(rings, minlength=_LID_RINGS)
+    pick = np.minimum(first + (np.maximum(n - 1, 0) * _LID_REFERENCE).astype(np.intp), keyed.size - 1)
+    reference = np.where(n > 0, keyed[pick] - offsets, np.float32(0.0)).astype(np.float32)
+    dark = cv2.bitwise_and(inside8, (level < np.float32(_LID_DARK) * reference[ring]).view(np.uint8))
+    labelled, labels, stats, centroids = cv2.connectedComponentsWithStats(dark, connectivity=4)
+    edge = inside8 > cv2.erode(inside8, _CROSS, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    touching = np.zeros(labelled, bool)
+    touching[labels[edge & capped]] = True
+    touching[0] = False  # label 0: the cells that are not shadowed
+    # ... and lie above or below the centre (a shadow from the side, a small pupil or a misaligned camera, is not
+    # a lid's even where it reaches the top and bottom edge)
+    offset = np.abs(centroids - np.float32(g / 2.0))
+    touching &= offset[:, 1] > offset[:, 0]
+    return float(stats[touching, cv2.CC_STAT_AREA].sum()) / count
 
 
 def _wide_blur(img: np.ndarray, sigma: float) -> np.ndarray:

@@ -16,7 +16,7 @@ from edgeretina.quality import REASON_TEXT, REASONS, QualityConfig, QualityRepor
 skimage_data = pytest.importorskip("skimage.data")
 
 MEASURES = {"fov_found", "fov_fraction_visible", "fov_diameter_px", "mean_luminance", "dark_fraction",
-            "saturated_fraction", "focus", "contrast", "vessel_depth", "noise", "red_green_ratio",
+            "saturated_fraction", "focus", "contrast", "vessel_depth", "noise", "lid_shadow", "red_green_ratio",
             "median_luminance", "content_levels"}
 
 
@@ -51,6 +51,25 @@ def add_noise(rgb: np.ndarray, sd: float, where: np.ndarray, seed: int = 0) -> n
 def haze(rgb: np.ndarray, amount: float, where: np.ndarray) -> np.ndarray:
     veiled = rgb * (1 - amount) + amount * np.array([230.0, 160.0, 100.0])
     return np.where(where, np.rint(veiled), rgb).astype(np.uint8)
+
+
+def lid(rgb: np.ndarray, cover: float, where: np.ndarray, lower: bool = False,
+        transmission: float = 0.15) -> np.ndarray:
+    """An eyelid's shadow over the share ``cover`` of the field from its top (or bottom): soft (logistic, scale 2 %
+    of retina.jpg's field diameter), ``transmission`` of the light left behind it (as benchmarks/quality_gate.py)."""
+    yy = np.mgrid[: rgb.shape[0], : rgb.shape[1]][0].astype(np.float32)
+    edge = float(np.quantile(yy[where[..., 0]], 1.0 - cover if lower else cover))
+    across = np.clip((edge - yy if lower else yy - edge) / (0.02 * 1394.0), -30, 30)
+    light = transmission + (1.0 - transmission) / (1.0 + np.exp(-across))
+    return np.where(where, np.clip(np.rint(rgb * light[..., None]), 0, 255), rgb).astype(np.uint8)
+
+
+def vignette(rgb: np.ndarray, loss: float, where: np.ndarray) -> np.ndarray:
+    """The field's rim ``loss`` darker than its centre (quadratic falloff), on top of retina.jpg's own."""
+    yy, xx = np.mgrid[: rgb.shape[0], : rgb.shape[1]].astype(np.float32)
+    rho2 = ((xx - 705.5) ** 2 + (yy - 705.5) ** 2) / 697.0**2
+    light = 1.0 - loss * np.minimum(rho2, 1.0)
+    return np.where(where, np.clip(np.rint(rgb * light[..., None]), 0, 255), rgb).astype(np.uint8)
 
 
 def test_real_fundus_is_gradable(retina, retina_fov):
@@ -124,6 +143,65 @@ def test_mild_defects_stay_gradable(retina, retina_fov, inside, case):
         img = decode_image(buf.tobytes())
     report = assess_quality(img, retina_fov)
     assert report.gradable, report
+
+
+@pytest.mark.parametrize("lower", [False, True], ids=["upper", "lower"])
+def test_an_eyelid_shadow_is_a_lid_or_lash_artefact(retina, retina_fov, inside, lower):
+    """A lid hiding 12 % of the field from the top or the bottom: shadowed 8 % of the measured field (x86-avx2)."""
+    report = assess_quality(lid(retina, 0.12, inside, lower=lower), retina_fov)
+    assert report.reasons == ("lid_or_lash_artefact",), report
+    assert report.measures["lid_shadow"] == pytest.approx(0.081, abs=0.003)
+    assert report.triggers == ({"reason": "lid_or_lash_artefact", "measure": "lid_shadow",
+                                "value": round(report.measures["lid_shadow"], 4), "threshold": 0.05,
+                                "rule": "lid_shadow > 0.05"},)
+    assert report.score < 0.5 and report.limited_by == "lid_shadow"
+    assert "eyelid" in report.text[0] and "retake" in report.text[0]
+    assert assess_quality(lid(retina, 0.05, inside, lower=lower), retina_fov).gradable   # 1.8 % shadowed
+
+
+@pytest.mark.parametrize("case", ["vignetting 0.6", "gain 0.3", "gain 2", "haze 0.3", "shadow from the side",
+                                  "half in shadow"])
+def test_vignetting_pigmentation_and_side_shadows_are_not_lid_artefacts(retina, retina_fov, inside, case):
+    """A darker rim all round (vignetting), a dark or pale fundus (the measure is relative to each ring of the field)
+    and a shadow that enters from the side (small pupil, camera off centre) leave lid_shadow at 0."""
+    if case == "vignetting 0.6":
+        img = vignette(retina, 0.6, inside)
+    elif case.startswith("gain"):
+        img = gain(retina, float(case.split()[1]))
+    elif case == "haze 0.3":
+        img = haze(retina, 0.3, inside)
+    else:
+        img = retina.copy()
+        columns = slice(0, 300) if case == "shadow from the side" else slice(0, 760)
+        img[:, columns] = gain(img[:, columns], 0.15 if case == "shadow from the side" else 0.08)
+    report = assess_quality(img, retina_fov)
+    assert report.measures["lid_shadow"] == 0.0 and "lid_or_lash_artefact" not in report.reasons, report
+
+
+def test_a_dark_patch_counts_only_where_it_reaches_the_top_edge(retina, retina_fov, inside):
+    """A shadow enters the field from its edge: the same dark patch above the centre is no lid shadow while
+    fundus lies between it and the edge, and is one once it reaches the edge."""
+    def patch(top):
+        img = retina.copy()
+        img[top:550, 550:850] = gain(img[top:550, 550:850], 0.1)
+        return assess_quality(img, retina_fov)
+    inner = patch(250)   # the measured field begins at row ~78
+    assert inner.measures["lid_shadow"] == 0.0 and "lid_or_lash_artefact" not in inner.reasons, inner
+    reaching = patch(0)
+    assert reaching.measures["lid_shadow"] > 0.05 and "lid_or_lash_artefact" in reaching.reasons, reaching
+
+
+def test_a_shadow_reaching_the_edge_only_at_the_side_is_not_a_lid(retina, retina_fov):
+    """Above the centre but entering the field from its side (an arm from the left edge near the horizontal into a
+    dark column that stops short of the top edge): not a lid's shadow; the same column reaching the top is one."""
+    def shadow(top):
+        img = retina.copy()
+        for rows, columns in ((slice(top, 690), slice(600, 810)), (slice(620, 690), slice(0, 600))):
+            img[rows, columns] = gain(img[rows, columns], 0.1)
+        return assess_quality(img, retina_fov)
+    side = shadow(120)   # the measured field begins at row ~78; the arm meets its edge ~50 px above the centre
+    assert side.measures["lid_shadow"] == 0.0 and "lid_or_lash_artefact" not in side.reasons, side
+    assert shadow(0).measures["lid_shadow"] > 0.05
 
 
 def test_focus_decreases_with_blur(retina, retina_fov):
@@ -324,6 +402,73 @@ def test_one_clipped_channel_is_not_saturation(flat, colour):
     assert report.measures["saturated_fraction"] == 0.0 and exposure(report) == set(), report
 
 
+# The lid shadow on a constructed photograph: a uniformly lit disc whose FOV diameter is exactly the working
+# diameter (384 px: the working copy is the photo's square [8, 392), unresampled, and the measure's 64 x 64 grid
+# cells are its 6 x 6 px blocks), the first k blocks in row-major order darkened to a tenth: a shadow that enters
+# from the top edge and grows one cell at a time. Its share is (shadowed cells inside the region) / (cells inside),
+# exactly, so measure_radius is chosen to make the cell count a multiple of 20 and 0.05 a reachable value.
+
+LID_PHOTO = 400
+
+
+@dataclasses.dataclass(frozen=True)
+class LidDisc:
+    config: QualityConfig
+    fov: FieldOfView = FieldOfView(200.0, 200.0, 192.0, found=True, fraction_visible=1.0)
+
+    def report(self, k: int, level: int = 10) -> QualityReport:
+        yy, xx = np.mgrid[:LID_PHOTO, :LID_PHOTO]
+        lit = (xx + 0.5 - 200) ** 2 + (yy + 0.5 - 200) ** 2 <= 192**2
+        block = np.where((np.minimum(xx, yy) >= 8) & (np.maximum(xx, yy) < 392), (yy - 8) // 6 * 64 + (xx - 8) // 6,
+                         1 << 30)
+        img = np.zeros((LID_PHOTO, LID_PHOTO, 3), np.uint8)
+        img[lit] = 100
+        img[lit & (block < k)] = level
+        return assess_quality(img, self.fov, self.config)
+
+    def crossing(self) -> tuple[QualityReport, QualityReport]:
+        """The reports with the most blocks darkened whose shadow is still <= 0.05, and with one block more
+        (the shadow grows with k: bisection)."""
+        lo, hi = 0, 64 * 64
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if self.report(mid).measures["lid_shadow"] > 0.05 else (mid, hi)
+        return self.report(lo), self.report(hi)
+
+
+@pytest.fixture(scope="module")
+def lid_crossing() -> tuple[QualityReport, QualityReport, int]:
+    for radius in np.arange(0.80, 0.95, 0.01):
+        at, over = LidDisc(QualityConfig(measure_radius=round(float(radius), 2))).crossing()
+        cells = round(1.0 / (over.measures["lid_shadow"] - at.measures["lid_shadow"]))
+        if cells % 20 == 0:
+            return at, over, cells
+    raise AssertionError("no measure_radius in 0.80-0.94 gives a cell count that is a multiple of 20")
+
+
+def test_lid_shadow_threshold_exactly(lid_crossing):
+    """lid_or_lash_artefact when more than 5 % of the measured field is shadowed from its top, not at 5 %."""
+    at, over, cells = lid_crossing
+    assert at.measures["lid_shadow"] == 0.05 and "lid_or_lash_artefact" not in at.reasons, at
+    assert over.measures["lid_shadow"] == (cells // 20 + 1) / cells and "lid_or_lash_artefact" in over.reasons, over
+    # a shadow is what is under half of its ring's level (its 75th percentile: the unshadowed 100): 48 is, 52 is
+    # not (the 8-bit cell means of the cells the region's edge cuts are within 2 % of the level)
+    disc = LidDisc(QualityConfig())
+    k = 700  # well past 5 % at the default measure radius
+    assert disc.report(k, 48).measures["lid_shadow"] == disc.report(k, 10).measures["lid_shadow"] > 0.05
+    assert disc.report(k, 52).measures["lid_shadow"] == 0.0 and disc.report(0).measures["lid_shadow"] == 0.0
+
+
+def test_lid_shadow_comparison_is_strict_on_a_shadowed_photo(retina, retina_fov, inside):
+    """As test_each_comparison_is_strict_at_the_measured_value, at a shadow that is not zero (retina.jpg's own is)."""
+    shadowed = lid(retina, 0.12, inside)
+    value = assess_quality(shadowed, retina_fov).measures["lid_shadow"]
+    assert value > 0.05
+    assert assess_quality(shadowed, retina_fov, QualityConfig(max_lid_shadow=value)).reasons == ()
+    past = QualityConfig(max_lid_shadow=float(np.nextafter(value, -np.inf)))
+    assert assess_quality(shadowed, retina_fov, past).reasons == ("lid_or_lash_artefact",)
+
+
 def test_fov_fraction_threshold_exactly(retina, retina_fov):
     """partial_field_of_view below 70 % of the circle inside the photo, not at 70 %."""
     at = assess_quality(retina, dataclasses.replace(retina_fov, fraction_visible=0.7))
@@ -336,10 +481,10 @@ def test_fov_fraction_threshold_exactly(retina, retina_fov):
 
 # (degradation of the real photograph, its parameter, the measure, the band it reads in, the reasons): each band
 # ends at the default threshold and is 0.07 % (fov fraction), 0.02 % (focus), 0.04 % (contrast), 0.1 % / 0.7 %
-# (vessel depth: the 8-bit veil moves it in steps of ~5e-4) or 0.1 % (noise) of it wide, so moving a threshold
-# by more than that changes a verdict. Found by stepping the parameter; measured on
-# x86-avx2 (values in the comments), at least 500x further from the threshold than OpenCV's float filters differ
-# between ISAs (~1e-7 of the value).
+# (vessel depth: the 8-bit veil moves it in steps of ~5e-4), 0.1 % (noise) or 1.0 % / 0.5 % (lid shadow: one grid
+# cell is 0.8 % of 0.05) of it wide, so moving a threshold by more than that changes a verdict. Found by stepping
+# the parameter; measured on x86-avx2 (values in the comments), at least 500x further from the threshold than
+# OpenCV's float filters differ between ISAs (~1e-7 of the value).
 NEAR_THRESHOLD = [
     ("cut", 480, "fov_fraction_visible", (0.7000, 0.7005), ()),                          # 0.70038
     ("cut", 481, "fov_fraction_visible", (0.6995, 0.7000), ("partial_field_of_view",)),  # 0.69979
@@ -352,6 +497,9 @@ NEAR_THRESHOLD = [
     ("haze", 0.342, "vessel_depth", (0.08940, 0.09000), ("media_opacity",)),             # 0.089506
     ("noise", 23.95, "noise", (0.04995, 0.05000), ()),                                   # 0.0499878
     ("noise", 23.97, "noise", (0.05000, 0.05005), ("too_noisy",)),                       # 0.0500393
+    # lid_shadow moves in steps of one cell of 64 x 64 (1 / 2607 here): the nearest values either side of 0.05
+    ("lid", 0.086, "lid_shadow", (0.04940, 0.05000), ()),                                # 0.049482 (129 cells)
+    ("lid", 0.0863, "lid_shadow", (0.05000, 0.05030), ("lid_or_lash_artefact",)),        # 0.050249 (131 cells)
 ]
 
 
@@ -371,6 +519,8 @@ def test_continuous_measures_just_either_side_of_the_default(retina, retina_fov,
         report = assess_quality(smooth_blur(retina, amount), retina_fov)
     elif how == "noise":
         report = assess_quality(add_noise(retina, amount, inside), retina_fov)
+    elif how == "lid":
+        report = assess_quality(lid(retina, amount, inside), retina_fov)
     else:
         report = assess_quality(haze(retina, amount, inside), retina_fov)
     low, high = band
@@ -388,6 +538,7 @@ THRESHOLDS = [
     ("min_contrast", "contrast", "low_contrast", -1),
     ("min_vessel_depth", "vessel_depth", "media_opacity", -1),
     ("max_noise", "noise", "too_noisy", +1),
+    ("max_lid_shadow", "lid_shadow", "lid_or_lash_artefact", +1),
 ]
 # judged only when no field of view is found (a photograph without one: the astronaut)
 NO_FIELD_THRESHOLDS = ["min_red_green_ratio", "min_content_levels"]

@@ -29,6 +29,11 @@ def test_quality_gate_benchmark_writes_every_table(tmp_path):
     assert set(result["faults"]["rows"]) == set(FAULTS) and set(result["faults"]["at_bound"]["rows"]) == set(FAULTS)
     for row in result["faults"]["rows"].values():
         assert row["n"] == 2 and 0 <= row["with_right_reason"] <= row["ungradable"] <= 2
+    outside = result["faults"]["outside_range"]["rows"]   # the lid below and above its range
+    assert outside and all(row["fault"] in FAULTS and row["n"] == 1 and 0 <= row["fov_found"] <= 1
+                           for row in outside.values())
+    assert result["retina"]["lid 0.12"]["reasons"] == ["lid_or_lash_artefact"]
+    assert result["retina"]["vignetting 0.6"]["reasons"] == [] and result["retina"]["original"]["lid_shadow"] == 0
     assert result["retina"]["original"]["reasons"] == [] and "too_dark" in result["retina"]["gain 0.25"]["reasons"]
     for version in ("this", "other"):    # the same tree twice: both timed, every photo
         per_photo = result["timing"][version]["per_photo"]

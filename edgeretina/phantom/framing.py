@@ -26,7 +26,10 @@ sampled as for any photograph, so each preset shows the same spread of ordinary 
 Faults (``FAULTS``) force one strong degradation on a photograph, with its strength drawn from a stated
 range: the test instrument for the quality gate (benchmarks/quality_gate.py). The ranges are what the
 gate must refuse; milder versions of the same faults, which a grader still accepts, are the camera's own
-``degraded`` photographs (camera.py).
+``degraded`` photographs (camera.py). ``lid_artefact`` is not a sensor setting but an eyelid in the light path
+(``Lid``, ``draw_lid``): a dark, soft-edged band entering the field from its top or bottom, in some photographs
+with a bright rim along the lid margin and blurred eyelashes across the field; the camera's own mix never draws
+it, and a milder one is a ``fault_strength`` below the range.
 """
 
 from __future__ import annotations
@@ -354,12 +357,18 @@ def decorate(image: np.ndarray, lit: np.ndarray, surround: Surround, rng: np.ran
 #: gain is an exposure error relative to a correctly metered exposure of this eye (see metered_gain): a
 #: darkly pigmented fundus photographed at 2.5 times the phantom's unmetered exposure is only as bright as
 #: a blond one at 1.4 times, and a grader would not call it over-exposed.
+#: lid_cover is the share of the visible field behind the margin of an eyelid in the light path (Lid,
+#: draw_lid), as a drooping upper lid or a lower lid riding up hides it: 0.12-0.2 is an eighth to a fifth of the
+#: retina in the photograph; the camera's other settings stay those of an ordinary photograph. Larger lids are
+#: drawn as well (fault_strength), but the field-of-view detection then often refuses the circle (its bright
+#: region no longer fills it), and the gate says no_field_of_view instead (benchmarks/quality_gate.py).
 FAULTS: dict[str, tuple[str, float, float]] = {
     "defocus": ("blur_sigma", 2.5, 4.0),
     "under_exposed": ("gain", 0.10, 0.25),
     "over_exposed": ("gain", 2.5, 4.0),
     "heavy_haze": ("haze", 0.6, 0.85),
     "strong_noise": ("noise_sigma", 0.12, 0.2),
+    "lid_artefact": ("lid_cover", 0.12, 0.2),
 }
 
 #: The mean luma (0-255) of a correctly exposed field: that of the public reference photograph
@@ -383,9 +392,155 @@ def apply_fault(rng: np.random.Generator, name: str, camera: Camera, anatomy,
     parameter, low, high = FAULTS[name]
     drawn = float(rng.uniform(low, high))
     strength = drawn if strength is None else float(strength)
+    if parameter == "lid_cover":  # not a sensor setting: the lid is drawn in front of the field (draw_lid)
+        return dataclasses.replace(camera, degraded=True), strength
     value = strength
     if parameter == "blur_sigma":  # per 512 px of image height for a standard field (0.92 of the height)
         value *= 2.0 * camera.fov_radius / (0.92 * 512.0)
     elif parameter == "gain":
         value *= metered_gain(camera, anatomy.fundus_rgb)
     return dataclasses.replace(camera, **{parameter: value}, degraded=True), strength
+
+
+# ---- the eyelid in the light path (fault lid_artefact) --------------------------------------------------------
+
+#: The reflectance the lid margin's tear meniscus and lit eyelashes are blended towards: a whitish glint
+#: (the fundus itself is orange-red, 0.5-0.8 in red and well under 0.5 in green and blue).
+GLINT = (0.95, 0.9, 0.78)
+
+
+@dataclass(frozen=True)
+class Lash:
+    points: tuple[tuple[float, float], ...]   # the streak's centre line (px), a curved stroke
+    width: float                              # px, before the blur
+
+
+@dataclass(frozen=True)
+class Lid:
+    """An eyelid in the light path of the camera (fault ``lid_artefact``), as real photographs show it when the
+    patient does not open wide or the lower lid rides up: a dark band entering the field from its top (upper
+    lid) or bottom (lower lid), its margin a gentle arc that reaches furthest into the field near the middle,
+    soft because the lid is far out of focus; in some photographs a bright reflective rim along the margin (the
+    tear meniscus) and eyelashes across the field beside it, blurred dark or lit streaks.
+
+    All lengths in pixels of the photograph; R is the field's radius."""
+
+    side: int               # -1 upper lid (the band enters from the top), +1 lower lid (from the bottom)
+    cover: float            # share of the visible field behind the margin: the fault's strength
+    x0: float               # where the margin reaches furthest into the field
+    edge: float             # the margin's y at x0 (solved for the cover)
+    curvature: float        # the margin falls back towards the lid by curvature * R at R from x0
+    tilt: float             # the margin's slope (dy / dx) at x0
+    softness: float         # scale of the penumbra across the margin (logistic), px
+    transmission: float     # share of the light that still reaches the retina behind the lid
+    rim: float = 0.0        # strength of the bright rim along the margin (blend towards GLINT), 0 = none
+    rim_width: float = 0.0  # its sd, px
+    lashes: tuple[Lash, ...] = ()
+    lash_blur: float = 0.0     # Gaussian sd of the out-of-focus lashes, px
+    lash_opacity: float = 0.0  # how much light a (dark) lash takes, or how far a lit one is blended to GLINT
+    bright_lashes: bool = False
+
+    def as_record(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def margin(self, x: np.ndarray, radius: float) -> np.ndarray:
+        """The y of the lid margin at column x."""
+        u = x - self.x0
+        return self.edge + self.side * self.curvature * u * u / radius + self.tilt * u
+
+    def distance(self, x: np.ndarray, y: np.ndarray, radius: float) -> np.ndarray:
+        """Signed distance from the margin, positive on the lit side (approximately perpendicular)."""
+        u = x - self.x0
+        slope = 2.0 * self.side * self.curvature * u / radius + self.tilt
+        return -self.side * (y - self.margin(x, radius)) / np.sqrt(1.0 + slope * slope)
+
+
+def draw_lid(rng: np.random.Generator, camera: Camera, cover: float) -> Lid:
+    """An eyelid hiding the share ``cover`` of the visible field (circle and image): where its margin lies,
+    how dark and soft its shadow is, and whether a bright rim and eyelashes come with it."""
+    r = camera.fov_radius
+    side = -1 if rng.random() < 0.75 else 1     # the upper lid droops far more often than the lower one rides up
+    x0 = camera.fov_cx + float(rng.uniform(-0.3, 0.3)) * r
+    curvature = float(rng.uniform(0.15, 0.6))
+    tilt = float(rng.uniform(-0.15, 0.15))
+    softness = float(rng.uniform(0.02, 0.05)) * 2 * r
+    transmission = float(rng.uniform(0.03, 0.3))
+    rim = float(rng.uniform(0.2, 0.6)) if rng.random() < 0.4 else 0.0
+    rim_width = float(rng.uniform(0.008, 0.02)) * 2 * r if rim else 0.0
+    # the margin's height that puts `cover` of the visible field behind it: every field point is covered from
+    # a margin height q on, so the height is a quantile of q (on a grid of about 128 rows)
+    step = max(1, camera.height // 128)
+    ys, xs = np.mgrid[0:camera.height:step, 0:camera.width:step].astype(np.float64)
+    inside = (xs - camera.fov_cx) ** 2 + (ys - camera.fov_cy) ** 2 <= r * r
+    u = xs[inside] - x0
+    q = ys[inside] - side * curvature * u * u / r - tilt * u
+    edge = float(np.quantile(q, cover if side < 0 else 1.0 - cover))
+    lid = Lid(side=side, cover=float(cover), x0=x0, edge=edge, curvature=curvature, tilt=tilt, softness=softness,
+              transmission=transmission, rim=rim, rim_width=rim_width)
+    if rng.random() < 0.6:
+        lashes = tuple(_lash(rng, lid, camera) for _ in range(int(rng.integers(3, 10))))
+        lid = dataclasses.replace(lid, lashes=lashes, lash_blur=float(rng.uniform(0.006, 0.016)) * 2 * r,
+                                  lash_opacity=float(rng.uniform(0.3, 0.7)), bright_lashes=bool(rng.random() < 0.35))
+    return lid
+
+
+def _lash(rng, lid: Lid, camera: Camera) -> Lash:
+    """One eyelash: a curved stroke from just behind the lid margin into the field."""
+    r = camera.fov_radius
+    x = camera.fov_cx + float(rng.uniform(-0.7, 0.7)) * r
+    y = float(lid.margin(np.float64(x), r))
+    slope = 2.0 * lid.side * lid.curvature * (x - lid.x0) / r + lid.tilt
+    normal = -lid.side * np.array([-slope, 1.0]) / math.hypot(slope, 1.0)   # towards the lit side
+    start = np.array([x, y]) - normal * float(rng.uniform(0.0, 1.5)) * lid.softness
+    angle = float(rng.uniform(-0.7, 0.7))
+    c, s = math.cos(angle), math.sin(angle)
+    direction = np.array([c * normal[0] - s * normal[1], s * normal[0] + c * normal[1]])
+    length = float(rng.uniform(0.12, 0.3)) * 2 * r
+    end = start + direction * length
+    bend = np.array([-direction[1], direction[0]]) * float(rng.uniform(-0.25, 0.25)) * length
+    control = 0.5 * (start + end) + bend
+    t = np.linspace(0.0, 1.0, 16)[:, None]
+    points = (1 - t) ** 2 * start + 2 * (1 - t) * t * control + t * t * end   # a quadratic Bezier
+    return Lash(points=tuple((float(px), float(py)) for px, py in points),
+                width=float(rng.uniform(0.005, 0.012)) * 2 * r)
+
+
+def lid_light(camera: Camera, lid: Lid) -> tuple[np.ndarray, np.ndarray]:
+    """What the lid does to the photograph: ``shade`` (float32 HxW, the share of the light that reaches the
+    retina and comes back past the lid and its dark lashes) and ``glint`` (float32 HxW 0-1, how far the
+    reflectance is blended towards GLINT: the bright rim and lit lashes)."""
+    h, w, r = camera.height, camera.width, camera.fov_radius
+    x = np.arange(w, dtype=np.float32)[None, :]
+    y = np.arange(h, dtype=np.float32)[:, None]
+    d = lid.distance(x, y, np.float32(r)).astype(np.float32)
+    across = np.clip(d / np.float32(lid.softness), -30.0, 30.0)
+    shade = np.float32(lid.transmission) + np.float32(1.0 - lid.transmission) / (1.0 + np.exp(-across))
+    glint = np.zeros((h, w), np.float32)
+    if lid.rim > 0:  # centred one penumbra into the lit side, where the margin catches the flash
+        z = (d - np.float32(lid.softness)) / np.float32(lid.rim_width)
+        glint = np.float32(lid.rim) * np.exp(np.float32(-0.5) * z * z)
+    if lid.lashes:
+        ink = np.zeros((h, w), np.uint8)
+        for lash in lid.lashes:
+            cv2.polylines(ink, [fixed_points(np.array(lash.points))], False, 255,
+                          thickness=max(1, int(round(lash.width))), lineType=cv2.LINE_AA, shift=SHIFT)
+        streaks = cv2.GaussianBlur(ink.astype(np.float32) * np.float32(lid.lash_opacity / 255.0), (0, 0),
+                                   max(0.5, lid.lash_blur))
+        if lid.bright_lashes:
+            np.maximum(glint, streaks, out=glint)
+        else:
+            shade *= 1.0 - streaks
+    return shade.astype(np.float32), glint
+
+
+def put_lid(canvas, camera: Camera, lid: Lid, lit: np.ndarray) -> np.ndarray:
+    """Blend the lid's glints into the reflectance (changed in place) and return the light that reaches the
+    retina: ``lit`` (the lit field) shaded by the lid."""
+    shade, glint = lid_light(camera, lid)
+    if glint.any():
+        scratch = canvas.scratch
+        for plane, c in zip(canvas.planes, GLINT):
+            np.subtract(np.float32(c), plane, out=scratch)
+            scratch *= glint
+            plane += scratch
+    return lit * shade
