@@ -382,18 +382,6 @@ def self_check(ctx, scratch: Path) -> dict:
             "findings": [{"kind": f["kind"], "what": f["what"]} for f in summary["findings"]]}
 
 
-def _versions() -> dict:
-    import importlib.metadata
-
-    found = {}
-    for name in CODECS:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return found
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for fuzz_decode.json and reproducers/")
@@ -411,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from edgeretina.atomic import write_json_atomic
     from edgeretina.bench import machine_info
+    from edgeretina.bench.machine import library_versions
     from edgeretina.cpu import cpu_class
     from edgeretina.errors import MissingDependencyError
     from edgeretina.phantom import damage
@@ -451,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     totals["peak_rss_mib"] = max((r["peak_rss_mib"] for r in results.values()), default=0.0)
     totals["max_seconds_per_case"] = max((r["seconds_per_case"]["max"] for r in results.values()), default=0.0)
     result = {
-        "machine": {**machine_info(), "cpu_class": cpu_class(), "codecs": _versions()},
+        "machine": {**machine_info(), "cpu_class": cpu_class(), "codecs": library_versions(CODECS)},
         "settings": {"seconds_per_format": args.seconds_per_format, "formats": formats, "workers": args.workers,
                      "timeout_s": args.timeout, "seed": args.seed, "max_cases": args.max_cases,
                      "seed_size_px": damage.SEED_SIZE, "seed_case": damage.SEED_CASE,

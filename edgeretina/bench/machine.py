@@ -15,12 +15,13 @@ def machine_info() -> dict:
     """CPU model, the ISA flags that decide INT8/BF16 speed, cores and library versions."""
     model, flags = cpu_info()
     return {"cpu": model, "machine": platform.machine(), "cpu_flags": list(flags),
-            "cores": os.cpu_count(), "python": platform.python_version(), "libraries": _library_versions()}
+            "cores": os.cpu_count(), "python": platform.python_version(), "libraries": library_versions()}
 
 
-def _library_versions() -> dict[str, str]:
+def library_versions(names=LIBRARIES) -> dict[str, str]:
+    """Installed versions of the named distributions; those not installed are left out."""
     versions = {}
-    for name in LIBRARIES:
+    for name in names:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
