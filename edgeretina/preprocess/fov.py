@@ -52,7 +52,8 @@ def detect_fov(rgb: np.ndarray) -> FieldOfView:
 
     A fit is accepted (``found=True``) only if it is a plausible fundus field of view: enough edge
     points on the circle covering at least 90 degrees of it, the bright region agrees with the circle
-    (IoU >= 0.8), most of the frame outside it is dark (<= 50 % bright: bars, panels and text beside
+    (IoU >= 0.8; >= 0.5 for a field partly hidden by a lid, whose bright region lies wholly inside the
+    circle), most of the frame outside it is dark (<= 50 % bright: bars, panels and text beside
     the field pass, a scene around a round object does not), the radius is within reason and at least a quarter of
     the circle is inside the image (its centre may be outside). Photos without any dark border
     (full-frame, e.g. an ordinary photograph, or a fundus cropped inside its circle) have no visible
@@ -246,6 +247,10 @@ def _robust_circle_fit(x: np.ndarray, y: np.ndarray, from_rows: np.ndarray):
     return cx, cy, r, inliers
 
 
+#: The least a partly hidden field may fill its circle (a lid over half the field: 0.5).
+_MIN_SHADOWED_IOU = 0.5
+
+
 def _plausibility(cx, cy, r, x, y, inliers, region, bright) -> float | None:
     """How well the fitted circle is the edge of a fundus field of view rather than any bright blob:
     None when it is not one, else the overlap (IoU) of the circle and the bright region."""
@@ -271,9 +276,17 @@ def _plausibility(cx, cy, r, x, y, inliers, region, bright) -> float | None:
     outside = d2 > (1.03 * r) ** 2
     n_out = np.count_nonzero(outside)
     bright_out = np.count_nonzero(bright & outside) / n_out if n_out else 0.0
-    if iou < 0.8 or bright_out > 0.5:
+    if bright_out > 0.5 or (iou < 0.8 and not _shadowed_field(circle, region, iou)):
         return None
     return float(iou)
+
+
+def _shadowed_field(circle: np.ndarray, region: np.ndarray, iou: float) -> bool:
+    """A field partly hidden (an eyelid's shadow over a fifth to a half of it): the bright region fills less of
+    the circle, but lies wholly inside it. Accepted so that the quality gate can say what hides the field
+    (lid_or_lash_artefact) instead of no_field_of_view."""
+    region_px = np.count_nonzero(region)
+    return iou >= _MIN_SHADOWED_IOU and np.count_nonzero(region & ~circle) <= 0.03 * region_px
 
 
 def _fraction_inside(cx: float, cy: float, r: float, width: float, height: float) -> float:
