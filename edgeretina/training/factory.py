@@ -22,6 +22,7 @@ from torch import nn
 
 from edgeretina.errors import CheckpointError, ConfigError
 from edgeretina.training.backbone import BackboneConfig, VisionBackbone
+from edgeretina.training.hub_weights import check_tag_available
 from edgeretina.training.towers import grid_side
 
 PRESET_DIR = Path(__file__).resolve().parent / "model_configs"
@@ -100,6 +101,7 @@ def _resolve_pretrained(name: str, pretrained: str | None) -> str | None:
         return pretrained
     tags = open_clip.list_pretrained_tags_by_model(name)
     if pretrained in tags:
+        check_tag_available(name, pretrained)
         return pretrained
     raise ConfigError(f"pretrained {pretrained!r} is neither a file nor an open_clip tag of {name!r} "
                       f"(tags: {tags or 'none'})")
