@@ -2,8 +2,9 @@
 
 Grades are integers 0..num_classes-1 (ICDR: 0 no DR .. 4 proliferative). Every function returns plain
 Python numbers and lists (JSON-ready), except `confusion_matrix`, which returns an integer array with
-true grades on the rows and predicted grades on the columns. Invalid input (mismatched lengths, grades
-out of range, empty arrays, non-finite scores) is a programming error and raises ValueError.
+true grades on the rows and predicted grades on the columns, and `roc_curve`, which returns float arrays
+(for plotting). Invalid input (mismatched lengths, grades out of range, empty arrays, non-finite scores)
+is a programming error and raises ValueError.
 
 Conventions where a value is undefined:
 - precision, recall and F1 of a class are 0.0 when their denominator is 0 (scikit-learn's
@@ -11,17 +12,22 @@ Conventions where a value is undefined:
   (scikit-learn's default), the weighted F1 weights by true support;
 - ROC AUC is None when only one class is present; sensitivity (specificity) is None without any
   positive (negative) case;
-- QWK is 1.0 when the expected disagreement is 0 (see `quadratic_weighted_kappa`).
+- QWK is 1.0 when the expected disagreement is 0 (see `quadratic_weighted_kappa`);
+- an empty reliability bin has confidence and accuracy None; `bootstrap_ci` drops (and counts) the
+  resamples on which its metric is None or not finite.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 NUM_CLASSES = 5
 REFERABLE_MIN_GRADE = 2
+# CLPI's unacceptable errors: a case with no or mild DR graded severe or proliferative, and the reverse.
+LOW_GRADES = (0, 1)
+HIGH_GRADES = (3, 4)
 
 
 def confusion_matrix(y_true, y_pred, num_classes: int = NUM_CLASSES) -> np.ndarray:
@@ -94,11 +100,7 @@ def roc_auc(y_binary, scores) -> float | None:
     None when y_binary holds only one class (the AUC is undefined).
     """
     y = _binary(y_binary, "y_binary")
-    s = np.asarray(scores, dtype=np.float64)
-    if s.ndim != 1 or len(s) != len(y):
-        raise ValueError(f"scores must be 1-D with the length of y_binary ({len(y)}), got shape {s.shape}")
-    if not np.all(np.isfinite(s)):
-        raise ValueError("scores must be finite")
+    s = _finite_scores(scores, len(y))
     n_pos = int(y.sum())
     n_neg = len(y) - n_pos
     if n_pos == 0 or n_neg == 0:
@@ -107,6 +109,29 @@ def roc_auc(y_binary, scores) -> float | None:
     midranks = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based average rank of each distinct score
     rank_sum = float(midranks[inverse][y == 1].sum())
     return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def roc_curve(y_binary, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(fpr, tpr, thresholds) at every distinct score, highest first; a case is called positive when its
+    score >= the threshold. The first point is (0, 0) at threshold +inf, the last (1, 1) at the lowest
+    score; tied scores move both rates at once, so the trapezoidal area equals `roc_auc`. scikit-learn's
+    `roc_curve(..., drop_intermediate=False)` gives the same points. None when y_binary holds only one
+    class (a rate is undefined). Raises ValueError on the input `roc_auc` rejects."""
+    y = _binary(y_binary, "y_binary")
+    s = _finite_scores(scores, len(y))
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(-s, kind="stable")
+    s_sorted, y_sorted = s[order], y[order]
+    last_of_each_score = np.r_[np.flatnonzero(np.diff(s_sorted)), len(s_sorted) - 1]
+    tp = np.cumsum(y_sorted)[last_of_each_score]
+    fp = (last_of_each_score + 1) - tp
+    fpr = np.r_[0.0, fp / n_neg]
+    tpr = np.r_[0.0, tp / n_pos]
+    thresholds = np.r_[np.inf, s_sorted[last_of_each_score]]
+    return fpr.astype(np.float64), tpr.astype(np.float64), thresholds.astype(np.float64)
 
 
 def sensitivity_specificity(y_binary, pred_binary) -> tuple[float | None, float | None]:
@@ -123,9 +148,59 @@ def sensitivity_specificity(y_binary, pred_binary) -> tuple[float | None, float 
     return sensitivity, specificity
 
 
+def unacceptable_errors(y_true, y_pred) -> dict[str, Any]:
+    """CLPI's unacceptable errors on the ICDR scale, each direction apart and together.
+
+    ``true_0_1_pred_3_4``: no or mild DR graded severe or proliferative (a needless urgent referral);
+    ``true_3_4_pred_0_1``: severe or proliferative DR graded no or mild (a missed sight-threatening case).
+    Each is {"count", "rate" (of all n cases), "rate_of_true_group" (of the cases with those true grades;
+    None when there are none)}; ``total`` is {"count", "rate"}; ``n`` is the number of cases.
+    Raises ValueError on grades outside 0..4 or mismatched lengths.
+    """
+    t, p = _grade_pair(y_true, y_pred, NUM_CLASSES)
+    n = len(t)
+    true_low, true_high = np.isin(t, LOW_GRADES), np.isin(t, HIGH_GRADES)
+    low_as_high = int((true_low & np.isin(p, HIGH_GRADES)).sum())
+    high_as_low = int((true_high & np.isin(p, LOW_GRADES)).sum())
+
+    def direction(count: int, group: int) -> dict[str, Any]:
+        return {"count": count, "rate": count / n, "rate_of_true_group": count / group if group else None}
+
+    return {"n": n,
+            "true_0_1_pred_3_4": direction(low_as_high, int(true_low.sum())),
+            "true_3_4_pred_0_1": direction(high_as_low, int(true_high.sum())),
+            "total": {"count": low_as_high + high_as_low, "rate": (low_as_high + high_as_low) / n}}
+
+
+def reliability_bins(probs, y_true, n_bins: int = 15) -> dict[str, list]:
+    """The top-label reliability table that ECE and the reliability diagram share.
+
+    Equal-width confidence bins (lo, hi] over [0, 1] (a confidence of exactly 0 falls in the first);
+    confidence = max class probability, correct = its class is y_true (ties: the lowest class).
+    Returns {"edges": [n_bins + 1 floats], "confidence": mean confidence per bin, "accuracy": fraction
+    correct per bin (both None for an empty bin), "count": [int] per bin}.
+    Raises ValueError unless probs is [N, C] (N >= 1, C >= 2) of finite values in [0, 1] whose rows sum
+    to 1, y_true holds N grades in 0..C-1 and n_bins is a positive integer.
+    """
+    count, confidence_sum, correct_sum = _bin_sums(probs, y_true, n_bins)
+    filled = count > 0
+    confidence = np.divide(confidence_sum, count, out=np.zeros_like(confidence_sum), where=filled)
+    accuracy_ = np.divide(correct_sum, count, out=np.zeros_like(correct_sum), where=filled)
+    return {"edges": np.linspace(0.0, 1.0, n_bins + 1).tolist(),
+            "confidence": [float(c) if f else None for c, f in zip(confidence, filled)],
+            "accuracy": [float(a) if f else None for a, f in zip(accuracy_, filled)],
+            "count": [int(c) for c in count]}
+
+
 def expected_calibration_error(probs, y_true, n_bins: int = 15) -> float:
-    """Top-label ECE (Guo et al. 2017): sum over equal-width confidence bins (lo, hi] of
-    |bin| / N * |accuracy(bin) - mean confidence(bin)|; confidence = max class probability."""
+    """Top-label ECE (Guo et al. 2017): sum over the bins of `reliability_bins` of
+    |bin| / N * |accuracy(bin) - mean confidence(bin)|. Raises ValueError as `reliability_bins` does."""
+    count, confidence_sum, correct_sum = _bin_sums(probs, y_true, n_bins)
+    return float(np.abs(correct_sum - confidence_sum).sum() / count.sum())  # |bin| * |acc - conf| per bin
+
+
+def _bin_sums(probs, y_true, n_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per confidence bin: (count, sum of confidence, number correct), float64 [n_bins] each."""
     if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
         raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
     p = np.asarray(probs, dtype=np.float64)
@@ -141,10 +216,69 @@ def expected_calibration_error(probs, y_true, n_bins: int = 15) -> float:
     confidence = p.max(axis=1)
     correct = (p.argmax(axis=1) == y).astype(np.float64)
     bins = np.clip(np.ceil(confidence * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
-    count = np.bincount(bins, minlength=n_bins).astype(np.float64)
-    gap = np.abs(np.bincount(bins, weights=correct, minlength=n_bins)
-                 - np.bincount(bins, weights=confidence, minlength=n_bins))  # |bin| * |acc - conf|
-    return float(gap.sum() / count.sum())
+    return (np.bincount(bins, minlength=n_bins).astype(np.float64),
+            np.bincount(bins, weights=confidence, minlength=n_bins),
+            np.bincount(bins, weights=correct, minlength=n_bins))
+
+
+def bootstrap_ci(metric_fn: Callable[..., Any], *arrays, n_resamples: int = 1000, confidence: float = 0.95,
+                 seed: int = 0) -> dict[str, Any]:
+    """Percentile bootstrap interval of ``metric_fn(*arrays)`` over cases.
+
+    Every resample draws N case indices with replacement and applies the same indices to every array
+    (axis 0), so a metric of two predictions of the same cases is paired: e.g.
+    ``bootstrap_ci(lambda t, a, b: qwk(t, a) - qwk(t, b), truth, pred_a, pred_b)``. The same seed and N
+    give the same resamples, so intervals of different metrics on one data set are drawn from the same
+    resampled cases. A resample on which the metric is undefined (returns None or a non-finite value,
+    e.g. AUC with one class) is dropped and counted.
+
+    Returns {"estimate": the metric on all cases (None if undefined), "low", "high": the (1 - confidence)/2
+    and (1 + confidence)/2 quantiles of the defined resamples (None if none is defined), "confidence",
+    "n_resamples", "n_undefined"}. Raises ValueError without arrays, on arrays of different or zero
+    length, n_resamples < 1 or confidence outside (0, 1); errors raised by metric_fn propagate.
+    """
+    # Hand-written rather than scipy.stats.bootstrap: scipy is no core dependency, and it neither drops
+    # undefined resamples nor takes a metric that returns None.
+    columns = [np.asarray(a) for a in arrays]
+    n = _common_length(columns)
+    if isinstance(n_resamples, bool) or not isinstance(n_resamples, (int, np.integer)) or n_resamples < 1:
+        raise ValueError(f"n_resamples must be a positive integer, got {n_resamples!r}")
+    if not 0.0 < float(confidence) < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(int(n_resamples)):
+        index = rng.integers(0, n, size=n)
+        value = _defined(metric_fn(*(c[index] for c in columns)))
+        if value is not None:
+            values.append(value)
+    low = high = None
+    if values:
+        tail = (1.0 - float(confidence)) / 2.0
+        low, high = (float(q) for q in np.quantile(np.asarray(values), [tail, 1.0 - tail]))
+    return {"estimate": _defined(metric_fn(*columns)), "low": low, "high": high, "confidence": float(confidence),
+            "n_resamples": int(n_resamples), "n_undefined": int(n_resamples) - len(values)}
+
+
+def _defined(value) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if np.isfinite(value) else None
+
+
+def _common_length(columns: list[np.ndarray]) -> int:
+    if not columns:
+        raise ValueError("bootstrap_ci needs at least one array of cases")
+    if any(c.ndim == 0 for c in columns):
+        raise ValueError("bootstrap_ci needs arrays with one entry per case, got a scalar")
+    lengths = {len(c) for c in columns}
+    if len(lengths) != 1:
+        raise ValueError(f"bootstrap_ci arrays differ in length: {sorted(lengths)}")
+    n = lengths.pop()
+    if n == 0:
+        raise ValueError("bootstrap_ci needs at least one case")
+    return n
 
 
 def grading_report(y_true, y_pred, referable_scores=None, referable_pred=None,
@@ -243,6 +377,15 @@ def _binary(values, name: str) -> np.ndarray:
     if not np.all((a == 0) | (a == 1)):
         raise ValueError(f"{name} must hold only 0/1 (or booleans)")
     return a
+
+
+def _finite_scores(scores, n: int) -> np.ndarray:
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 1 or len(s) != n:
+        raise ValueError(f"scores must be 1-D with the length of y_binary ({n}), got shape {s.shape}")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("scores must be finite")
+    return s
 
 
 def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
