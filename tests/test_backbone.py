@@ -1,4 +1,4 @@
-"""The open_clip backbone: tower adapters, factory, shapes, joint-space equivalence with open_clip, errors."""
+"""The backbone: tower adapters, factory, shapes, joint-space equivalence with open_clip, timm towers, errors."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -14,7 +15,8 @@ open_clip = pytest.importorskip("open_clip")
 
 from edgeretina.errors import ConfigError  # noqa: E402
 from edgeretina.training.backbone import BackboneConfig, VisionBackbone  # noqa: E402
-from edgeretina.training.factory import PRESET_DIR, build_backbone, preset_names, register_presets  # noqa: E402
+from edgeretina.training.factory import (PRESET_DIR, build_backbone, check_quick_gelu, preset_names,  # noqa: E402
+                                        register_presets)
 
 TEXTS = ["a fundus photograph of a healthy retina", "a fundus photograph with microaneurysms"]
 slow = pytest.mark.skipif(os.environ.get("EDGERETINA_SLOW") != "1", reason="slow: set EDGERETINA_SLOW=1")
@@ -63,7 +65,7 @@ def test_config_round_trip_and_strictness():
 
 
 def test_unsupported_tower_is_a_config_error():
-    with pytest.raises(ConfigError, match="unsupported open_clip image tower Linear"):
+    with pytest.raises(ConfigError, match="unsupported image tower Linear"):
         VisionBackbone(torch.nn.Linear(4, 4))
 
 
@@ -75,33 +77,53 @@ def test_unknown_name_lists_close_names():
 
 
 OFFLINE_TAG_SCRIPT = """
-import sys, time
+import json, sys, time
 from edgeretina.errors import ConfigError
 from edgeretina.training.backbone import BackboneConfig
 from edgeretina.training.factory import build_backbone
-start = time.perf_counter()
-try:
-    build_backbone(BackboneConfig("RN50", pretrained="openai"))
-except ConfigError as error:
-    print(f"{time.perf_counter() - start:.3f}")
-    print(error)
-    sys.exit(0)
-sys.exit("no ConfigError")
+results = []
+for name, tag in (("RN50-quickgelu", "openai"), ("timm/test_vit", "timm")):
+    start = time.perf_counter()
+    try:
+        build_backbone(BackboneConfig(name, pretrained=tag))
+    except ConfigError as error:
+        results.append([time.perf_counter() - start, str(error)])
+    else:
+        sys.exit(f"no ConfigError for {name}")
+print(json.dumps(results))
 """
 
 
 def test_an_unreachable_hub_tag_fails_in_seconds_naming_the_fix(tmp_path):
     """Offline, open_clip's download of a tag's weights retries for ~45 s (46.7 s measured for RN50/openai, x86-avx2)
     and ends in a message about connections. The factory answers first: not cached (an empty HF_HOME) and no hub
-    (HF_HUB_OFFLINE) is a ConfigError within 5 s that says how to get the weights here."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HOME": str(tmp_path)}
+    (HF_HUB_OFFLINE) is a ConfigError within 5 s that says how to get the weights here; timm's hub weights of a
+    timm/ tower (pretrained="timm") likewise."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HOME": str(tmp_path),
+           "TORCH_HOME": str(tmp_path / "torch")}
     done = subprocess.run([sys.executable, "-c", OFFLINE_TAG_SCRIPT], capture_output=True, text=True, env=env,
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    seconds, message = done.stdout.split("\n", 1)
-    assert float(seconds) < 5.0
-    assert message.startswith("pretrained 'openai' of 'RN50' is an open_clip hub tag") and "HF_HUB_OFFLINE" in message
-    assert "open_clip.create_model('RN50', pretrained='openai')" in message and "--pretrained /path/to/" in message
+    (clip_seconds, clip_message), (timm_seconds, timm_message) = json.loads(done.stdout.strip().splitlines()[-1])
+    assert clip_seconds < 5.0 and timm_seconds < 5.0
+    assert clip_message.startswith("pretrained 'openai' of 'RN50-quickgelu' is an open_clip hub tag"), clip_message
+    assert "HF_HUB_OFFLINE" in clip_message and "--pretrained /path/to/" in clip_message
+    assert "open_clip.create_model('RN50-quickgelu', pretrained='openai')" in clip_message
+    assert timm_message.startswith("pretrained 'timm' of timm/test_vit means timm's hub weights"), timm_message
+    assert "HF_HUB_OFFLINE" in timm_message and "--pretrained /path/to/" in timm_message
+    assert "timm.create_model('test_vit', pretrained=True)" in timm_message
+
+
+def test_openai_weights_in_a_gelu_config_are_an_error_naming_the_quickgelu_twin():
+    """OpenAI's CLIP weights were trained with QuickGELU; open_clip only warns when a GELU config loads them.
+    The check reads the configs only: it answers before any download (no network here)."""
+    with pytest.raises(ConfigError, match=r"trained with QuickGELU, but the 'ViT-B-16' config uses GELU") as caught:
+        build_backbone(BackboneConfig("ViT-B-16", pretrained="openai"))
+    assert "use backbone 'ViT-B-16-quickgelu' with pretrained 'openai'" in str(caught.value)
+    with pytest.raises(ConfigError, match="ViT-B-32-quickgelu"):
+        check_quick_gelu("ViT-B-32", "laion400m_e31")          # LAION-400M ViT-B/32 was trained with QuickGELU
+    check_quick_gelu("ViT-B-16-quickgelu", "openai")            # matching activations pass
+    check_quick_gelu("ViT-B-32", "laion2b_s34b_b79k")
 
 
 def test_bad_pretrained_image_size_and_texts_are_config_errors():
@@ -262,6 +284,127 @@ def test_timm_towers_match_open_clip(timm_towers):
         assert tuple(tokens.shape) == (2, backbone.grid_size[0] * backbone.grid_size[1], _TIMM_TOWERS[name][3])
         if "resnet" in name:  # average pooling then a linear projection: tokens average to the pooled output
             torch.testing.assert_close(tokens.mean(dim=1), pooled, rtol=1e-4, atol=1e-5)
+
+
+# --- timm models as towers (timm/<name>: no text tower) ------------------------------------------
+
+def _timm_reference(name: str, image_size: int | None = None):
+    """timm's own model and our timm/ build from the same seed: the weights are identical."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    takes_size = image_size is not None and name.startswith("test_vit")    # a CNN takes any size as it is
+    reference = timm.create_model(name, num_classes=0, **({"img_size": image_size} if takes_size else {})).eval()
+    torch.manual_seed(0)
+    build = build_backbone(BackboneConfig(f"timm/{name}", image_size=image_size), TEXTS)
+    build.visual.eval()
+    return reference, build
+
+
+@pytest.mark.parametrize("name, image_size, grid", [("test_vit", None, (10, 10)), ("test_vit", 64, (4, 4)),
+                                                    ("test_resnet", 64, (2, 2)), ("test_convnext", 96, (3, 3))])
+def test_timm_tower_shapes_and_no_text_tower(name, image_size, grid):
+    build = build_backbone(BackboneConfig(f"timm/{name}", image_size=image_size), TEXTS)
+    backbone = build.visual
+    assert build.text_embeddings is None and build.has_text_tower is False
+    assert backbone.kind == "timm" and backbone.token_path.startswith("timm-direct")
+    assert backbone.grid_size == grid and backbone.image_size == (image_size or 160)
+    pooled, tokens = backbone(_images(backbone))
+    assert tuple(pooled.shape) == (2, backbone.embed_dim)
+    assert tuple(tokens.shape) == (2, grid[0] * grid[1], backbone.embed_dim)
+
+
+def test_timm_vit_pooled_is_timms_pre_logits_and_tokens_its_patch_tokens():
+    reference, build = _timm_reference("test_vit", 64)
+    backbone = build.visual
+    x = _images(backbone)
+    with torch.no_grad():
+        pooled, tokens = backbone(x)
+        features = reference.forward_features(x)
+        expected = reference.forward_head(features, pre_logits=True)
+    torch.testing.assert_close(pooled, expected)
+    torch.testing.assert_close(tokens, features[:, reference.num_prefix_tokens:])   # normed, after the class token
+    assert not torch.allclose(tokens.mean(dim=1), pooled, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_convnext"])
+def test_timm_cnn_tokens_are_the_map_through_the_head(name):
+    """Average pooling, then per-channel ops (ConvNeXt: a LayerNorm after the pool): tokens are the
+    per-position head; for a plain ResNet (pool then identity) they average to the pooled output."""
+    reference, build = _timm_reference(name, 96)
+    backbone = build.visual
+    x = _images(backbone)
+    with torch.no_grad():
+        pooled, tokens = backbone(x)
+        torch.testing.assert_close(pooled, reference.forward_head(reference.forward_features(x), pre_logits=True))
+    if name == "test_resnet":
+        torch.testing.assert_close(tokens.mean(dim=1), pooled, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["test_vit", "resnet18"])
+def test_timm_tower_mean_std_and_size_come_from_timms_data_config(name):
+    """test_vit's config says mean = std = 0.5 at 160 px, resnet18's ImageNet's at 224: neither is CLIP's."""
+    timm = pytest.importorskip("timm")
+    expected = timm.data.resolve_model_data_config(timm.create_model(name, num_classes=0))
+    backbone = build_backbone(BackboneConfig(f"timm/{name}")).visual
+    assert backbone.mean == tuple(expected["mean"]) and backbone.std == tuple(expected["std"])
+    assert backbone.image_size == expected["input_size"][-1]
+    assert backbone.mean != open_clip.OPENAI_DATASET_MEAN
+    resized = build_backbone(BackboneConfig(f"timm/{name}", image_size=64)).visual
+    assert resized.image_size == 64 and resized.mean == backbone.mean
+
+
+def test_timm_names_sizes_and_weights_are_checked():
+    with pytest.raises(ConfigError, match="timm/test_vit"):
+        build_backbone(BackboneConfig("timm/test_vti"))
+    with pytest.raises(ConfigError, match="multiple of 16"):
+        build_backbone(BackboneConfig("timm/test_vit", image_size=100))
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        build_backbone(BackboneConfig("timm/test_resnet", image_size=80))
+    with pytest.raises(ConfigError, match="neither a file nor 'timm'"):
+        build_backbone(BackboneConfig("timm/test_vit", pretrained="/no/such/weights.pt"))
+
+
+def test_a_text_less_tower_learns_orthonormal_prototypes_that_get_gradients_and_round_trip():
+    from edgeretina.training.model import GraderModel, ModelConfig
+
+    torch.manual_seed(0)
+    config = ModelConfig(backbone=BackboneConfig("timm/test_vit", image_size=64))
+    model = GraderModel(config)
+    parameters = dict(model.named_parameters())
+    assert "grade_prototypes" in parameters and "lesion_prototypes" in parameters
+    both = torch.cat([model.grade_prototypes, model.lesion_prototypes]).detach()
+    torch.testing.assert_close(both @ both.T, torch.eye(len(both)), atol=1e-5, rtol=0)
+    out = model(torch.randn(2, 3, 64, 64))
+    (out["prototype_logits"].logsumexp(dim=1).sum() + out["saliency_logits"].sum()).backward()
+    assert model.grade_prototypes.grad is not None and float(model.grade_prototypes.grad.abs().sum()) > 0
+    restored = GraderModel(config, for_checkpoint=True)
+    restored.load_state_dict(model.state_dict())
+    torch.testing.assert_close(restored.grade_prototypes, model.grade_prototypes)
+
+
+@pytest.mark.parametrize("name", ["test_vit", "test_resnet"])
+def test_a_timm_tower_exports_to_onnx_and_runs_like_torch(tmp_path, name):
+    ort = pytest.importorskip("onnxruntime")
+    from edgeretina.training.model import ExportWrapper, GraderModel, ModelConfig
+
+    torch.manual_seed(0)
+    model = GraderModel(ModelConfig(backbone=BackboneConfig(f"timm/{name}", image_size=64), lesion_head=True)).eval()
+    wrapper = ExportWrapper(model).eval()
+    names = list(wrapper.names)
+    path = tmp_path / "model.onnx"
+    with torch.enable_grad(), warnings.catch_warnings():   # as edgeretina.export does (TorchScript exporter, opset 17)
+        warnings.simplefilter("ignore")                      # tracer warnings about timm's shape checks
+        torch.onnx.export(wrapper, (torch.randn(2, 3, 64, 64),), str(path), input_names=["image"],
+                          output_names=names, dynamic_axes={"image": {0: "B"}, **{n: {0: "B"} for n in names}},
+                          opset_version=17, dynamo=False)
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = dict(zip(names, session.run(names, {"image": x.numpy()})))
+    with torch.no_grad():
+        expected = wrapper(x)
+    for output, want in zip(names, expected):
+        assert got[output].shape == tuple(want.shape), output
+        assert float(abs(got[output] - want.numpy()).max()) < 1e-4, output
 
 
 # --- reference architectures (slow) --------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""The vision backbone: its config (which open_clip architecture, weights, input size) and the module
-that gives a pooled embedding and patch tokens in one pass, whatever the tower.
+"""The vision backbone: its config (which open_clip architecture or timm model, weights, input size) and the
+module that gives a pooled embedding and patch tokens in one pass, whatever the tower.
 
 How each kind of tower gives its tokens is in training/towers.py; how a backbone is created from its
 config (presets, pretrained weights, the text tower) is in training/factory.py.
@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import open_clip
 import torch
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 
 from edgeretina.errors import ConfigError
@@ -22,15 +20,22 @@ _CONFIG_KEYS = ("name", "pretrained", "image_size")
 
 @dataclass(frozen=True)
 class BackboneConfig:
-    """Which open_clip architecture, which weights, which input size.
+    """Which architecture, which weights, which input size.
 
     name: an open_clip model name (``open_clip.list_models()``) or one of our presets
         (``edgeretina-tiny-vit``, ``edgeretina-tiny-rn``); ``hf-hub:``/``local-dir:`` names pass through.
-    pretrained: None for random init, a local open_clip checkpoint file, or an open_clip tag
-        (downloads from the hub).
+        Or ``timm/<timm model name>`` for a timm model used directly as the image tower, without a text
+        tower (its grade and lesion prototypes are then learned): e.g. ``timm/vit_large_patch16_224``
+        (RETFound-MAE's ViT-L/16), ``timm/vit_small_patch14_reg4_dinov2`` at 392 px (RETFound-Green),
+        ``timm/convnext_tiny``, and timm's tiny ``timm/test_vit``, ``timm/test_resnet`` for tests.
+    pretrained: None for random init; a local weights file (open_clip or timm state dict, ``.safetensors``
+        or torch, bare or wrapped as {"state_dict"|"model": ...}, ``module.`` prefixes; it must fit the
+        architecture exactly, a classifier head aside); an open_clip tag (downloads from the hub); or
+        ``timm`` for timm's own pretrained weights of a ``timm/`` name (downloads from the hub).
     image_size: square input size overriding the architecture's; a ViT's position embeddings are
         interpolated from the checkpoint (or initialised at that size), a ModifiedResNet's attention-pool
-        position embeddings likewise. Must be a multiple of the patch size (ViT) or of 32 (ResNet).
+        position embeddings likewise. Must be a multiple of the patch size (ViT) or of the total stride
+        (32 for the ResNets and ConvNeXts).
     """
 
     name: str = "edgeretina-tiny-vit"
@@ -61,15 +66,17 @@ class BackboneConfig:
 
 
 class VisionBackbone(nn.Module):
-    """Wraps an open_clip image tower; ``forward(images) -> (pooled [B, D], tokens [B, h*w, D])``.
+    """Wraps an image tower; ``forward(images) -> (pooled [B, D], tokens [B, h*w, D])``.
 
-    Both outputs are in the joint space and not normalised. Tokens are in row-major grid order, so
+    Both outputs are in the joint space (of an open_clip tower; a timm model's own feature space) and
+    not normalised. Tokens are in row-major grid order, so
     ``tokens.reshape(B, h, w, D)`` is the map. The wrapped tower is ``self.visual`` (open_clip's
     attribute name, so its state-dict keys read ``visual.*`` as in an open_clip checkpoint).
 
     Attributes: embed_dim (D), image_size, grid_size (h, w), mean, std (the tower's open_clip
-    preprocess config), kind ("vit" | "resnet" | "timm") and token_path (how the tokens were projected,
-    for manifests). Raises ConfigError for a tower it cannot take patch tokens from.
+    preprocess config, or timm's data config of a timm model), kind ("vit" | "resnet" | "timm": open_clip's
+    TimmModel and a timm model alike) and token_path (how the tokens were projected, for manifests; it
+    starts "timm-direct" for a timm model). Raises ConfigError for a tower it cannot take patch tokens from.
     """
 
     def __init__(self, tower: nn.Module):
@@ -78,9 +85,7 @@ class VisionBackbone(nn.Module):
         adapter = self.adapter = adapter_for(tower)   # fixed at construction: forward traces to one graph
         self.kind, self.token_path = adapter.kind, adapter.token_path
         self.image_size, self.grid_size, self.embed_dim = adapter.image_size, adapter.grid_size, adapter.embed_dim
-        preprocess = open_clip.get_model_preprocess_cfg(tower) or {}
-        self.mean = tuple(float(v) for v in preprocess.get("mean", OPENAI_DATASET_MEAN))
-        self.std = tuple(float(v) for v in preprocess.get("std", OPENAI_DATASET_STD))
+        self.mean, self.std = adapter.mean, adapter.std
 
     @property
     def num_tokens(self) -> int:

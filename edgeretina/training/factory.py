@@ -1,8 +1,9 @@
-"""The backbone factory: open_clip architecture presets, pretrained weights, and building a
-VisionBackbone with the text embeddings of its own text tower.
+"""The backbone factory: open_clip architecture presets, timm models, pretrained weights, and building a
+VisionBackbone with the text embeddings of its own text tower (when it has one).
 
 Our presets are open_clip model configs (one JSON per architecture under training/model_configs,
-open_clip's own habit); a tiny test architecture is just another preset.
+open_clip's own habit); a tiny test architecture is just another preset. A ``timm/<name>`` backbone is
+``timm.create_model(name, num_classes=0)``: an image tower without a text tower.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, Union
 
 import open_clip
+import timm
 import torch
 import torch.nn.functional as F
 from open_clip.modified_resnet import ModifiedResNet
@@ -22,17 +24,26 @@ from torch import nn
 
 from edgeretina.errors import CheckpointError, ConfigError
 from edgeretina.training.backbone import BackboneConfig, VisionBackbone
-from edgeretina.training.hub_weights import check_tag_available
+from edgeretina.training.hub_weights import check_tag_available, check_timm_weights_available
 from edgeretina.training.towers import grid_side
+from edgeretina.training.weights import load_open_clip_weights, load_timm_weights
+
+log = logging.getLogger(__name__)
 
 PRESET_DIR = Path(__file__).resolve().parent / "model_configs"
+TIMM_PREFIX = "timm/"       # backbone names "timm/<timm model name>": a timm model as the image tower
+TIMM_HUB_WEIGHTS = "timm"   # pretrained="timm": timm's own pretrained weights of that model (from the hub)
 _HUB_PREFIXES = ("hf-hub:", "local-dir:")
+
+#: one item per prototype row: a description, or several whose embeddings are averaged
+TextGroups = Sequence[Union[str, Sequence[str]]]
 
 
 @dataclass
 class BackboneBuild:
     visual: VisionBackbone
-    text_embeddings: torch.Tensor | None  # [N, D] L2-normalised, from the same model's text tower
+    text_embeddings: torch.Tensor | None  # [N, D] L2-normalised, one per text group, from the same model's text tower
+    has_text_tower: bool = True           # False for a timm/ tower: no text prototypes can exist for it
 
 
 def preset_names() -> tuple[str, ...]:
@@ -46,38 +57,139 @@ def register_presets() -> None:
         open_clip.add_model_config(PRESET_DIR)
 
 
-def build_backbone(config: BackboneConfig, texts: Sequence[str] | None = None) -> BackboneBuild:
-    """Create the open_clip model, embed `texts` with its text tower, keep only the image tower.
+def build_backbone(config: BackboneConfig, texts: TextGroups | None = None) -> BackboneBuild:
+    """Create the model, embed ``texts`` with its text tower, keep only the image tower.
+
+    texts: one item per prototype row, each a description or a group of descriptions; a group's
+        embedding is the L2-normalised mean of its descriptions' L2-normalised embeddings (prompt
+        ensembling; ``prompts.load_prompts(path).groups()`` gives the grade and lesion groups).
+        A ``timm/`` tower has no text tower: nothing is encoded, text_embeddings is None and
+        has_text_tower False (GraderModel then learns its prototypes).
 
     With ``pretrained=None`` the weights are random (seeding is the caller's business). The text tower
     runs in eval mode under no_grad and is dropped afterwards; the returned tower keeps the train/eval
-    mode open_clip created it in (train).
+    mode it was created in (train).
 
     Raises ConfigError for an unknown model name (listing close names), an unknown pretrained tag or
-    missing file, an image size the architecture cannot take, or an unsupported tower; CheckpointError
-    when the weights cannot be downloaded or loaded.
+    missing file, an open_clip tag trained with another activation (QuickGELU) than the config uses,
+    hub weights that are neither cached nor reachable, an image size the architecture cannot take,
+    malformed texts or an unsupported tower; CheckpointError when the weights cannot be read or loaded,
+    or do not fit the architecture exactly (a classifier head aside).
     """
+    groups = _text_groups(texts)
+    if config.name.startswith(TIMM_PREFIX):
+        return _build_timm(config)
+    return _build_open_clip(config, groups)
+
+
+def _build_open_clip(config: BackboneConfig, groups: list[tuple[str, ...]] | None) -> BackboneBuild:
     register_presets()
-    if isinstance(texts, str):
-        raise ConfigError("texts must be a sequence of strings, not one string")
     model_cfg = _model_config(config.name)
-    pretrained = _resolve_pretrained(config.name, config.pretrained)
+    tag, weights_file = _resolve_pretrained(config.name, config.pretrained)
     vision_cfg = (model_cfg or {}).get("vision_cfg", {})
     is_resnet = isinstance(vision_cfg.get("layers"), (list, tuple)) and not vision_cfg.get("timm_model_name")
     _check_image_size(config, vision_cfg, is_resnet)
     native_size = vision_cfg.get("image_size")
     # open_clip resizes a ViT's position embeddings when it loads a checkpoint at another size, but not
     # a ModifiedResNet's attention pool: load at the native size, then resize the pool ourselves.
-    resize_resnet_after = (is_resnet and pretrained is not None and config.image_size is not None
+    resize_resnet_after = (is_resnet and (tag or weights_file) is not None and config.image_size is not None
                            and config.image_size != native_size)
     force_size = None if resize_resnet_after else config.image_size
-    model = _create_model(config.name, pretrained, force_size)
+    model = _create_model(config.name, tag, force_size)
+    if weights_file is not None:
+        load_open_clip_weights(model, weights_file, config.name)
     if resize_resnet_after:
         _resize_attnpool(model.visual, config.image_size)
     visual = VisionBackbone(model.visual)
-    text_embeddings = None if texts is None else _encode_texts(model, config.name, list(texts), visual.embed_dim)
+    text_embeddings = None if groups is None else _encode_texts(model, config.name, groups, visual.embed_dim)
     del model  # drop the text tower
     return BackboneBuild(visual=visual, text_embeddings=text_embeddings)
+
+
+def _build_timm(config: BackboneConfig) -> BackboneBuild:
+    name = config.name[len(TIMM_PREFIX):]
+    _check_timm_name(name)
+    hub = config.pretrained == TIMM_HUB_WEIGHTS
+    weights_file = None if hub else config.pretrained
+    if weights_file is not None and not os.path.isfile(weights_file):
+        raise ConfigError(f"pretrained {weights_file!r} of {config.name!r} is neither a file nor "
+                          f"{TIMM_HUB_WEIGHTS!r} (timm's own pretrained weights)")
+    if hub:
+        check_timm_weights_available(name)
+    model = _create_timm_model(name, hub, config.image_size)
+    if weights_file is not None:
+        load_timm_weights(model, weights_file, config.name)
+    if config.image_size is not None:
+        # what resolve_model_data_config reports from now on; set after loading, since timm's position-
+        # embedding resampling reads the checkpoint's grid from the original input_size
+        model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, config.image_size, config.image_size)}
+    log.info("%s has no text tower: its grade and lesion prototypes cannot be text embeddings, GraderModel "
+             "learns them from a random orthonormal start", config.name)
+    return BackboneBuild(visual=VisionBackbone(model), text_embeddings=None, has_text_tower=False)
+
+
+def _check_timm_name(name: str) -> None:
+    if timm.is_model(name):
+        return
+    models = timm.list_models()
+    close = difflib.get_close_matches(name, models, n=5, cutoff=0.6)
+    hint = f"; close names: {[TIMM_PREFIX + m for m in close]}" if close else ""
+    raise ConfigError(f"unknown timm model {name!r}{hint} (timm.list_models() has {len(models)} names)")
+
+
+def _create_timm_model(name: str, hub: bool, image_size: int | None) -> nn.Module:
+    """timm.create_model(name, num_classes=0), at ``image_size`` where the model takes an img_size (ViTs);
+    a CNN takes any size, checked against its total stride."""
+    kwargs: dict[str, Any] = {"pretrained": hub, "num_classes": 0}
+    try:
+        try:
+            model = timm.create_model(name, **kwargs, **({} if image_size is None else {"img_size": image_size}))
+        except TypeError as error:
+            if image_size is None or "img_size" not in str(error):
+                raise
+            model = timm.create_model(name, **kwargs)
+    except (RuntimeError, OSError, ValueError) as error:
+        if not hub:
+            raise ConfigError(f"timm could not create {name!r}: {error}") from error
+        raise CheckpointError(f"could not load timm's pretrained weights of {name!r}: {error}") from error
+    if image_size is not None:
+        _check_timm_image_size(model, name, image_size)
+    return model
+
+
+def _check_timm_image_size(model: nn.Module, name: str, size: int) -> None:
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch is not None:
+        stride = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+    else:
+        info = getattr(model, "feature_info", None) or [{}]
+        stride = int(info[-1].get("reduction", 1))
+    if size % stride:
+        raise ConfigError(f"image_size {size} of {TIMM_PREFIX}{name} must be a multiple of {stride}")
+
+
+def check_quick_gelu(name: str, tag: str) -> None:
+    """ConfigError when open_clip tag ``tag`` was trained with another activation than model ``name`` uses.
+
+    open_clip only warns ("QuickGELU mismatch") and builds a model whose features are off: OpenAI's
+    weights (and DFN's, MetaCLIP's) were trained with QuickGELU, most open_clip configs use nn.GELU. The
+    fix is the ``-quickgelu`` twin of the config (or the plain one the other way round). Reads the model
+    config and the tag's pretrained cfg only, so it costs nothing and needs no network. A local weights
+    file records no activation and cannot be checked.
+    """
+    cleaned = name.replace("/", "-")
+    model_quick = bool((open_clip.get_model_config(cleaned) or {}).get("quick_gelu", False))
+    tag_quick = bool((open_clip.get_pretrained_cfg(cleaned, tag) or {}).get("quick_gelu", False))
+    if model_quick == tag_quick:
+        return
+    twin = f"{cleaned}-quickgelu" if tag_quick else cleaned.removesuffix("-quickgelu")
+    fits = twin != cleaned and tag in open_clip.list_pretrained_tags_by_model(twin)
+    fix = (f"use backbone {twin!r} with pretrained {tag!r}" if fits
+           else f"use a model config with quick_gelu={str(tag_quick).lower()}")
+    trained = "QuickGELU" if tag_quick else "GELU"
+    uses = "QuickGELU" if model_quick else "GELU"
+    raise ConfigError(f"pretrained {tag!r} of {name!r} was trained with {trained}, but the {name!r} config uses "
+                      f"{uses}: the weights would give wrong features. Fix: {fix}")
 
 
 def _model_config(name: str) -> dict[str, Any] | None:
@@ -94,15 +206,19 @@ def _model_config(name: str) -> dict[str, Any] | None:
     return cfg
 
 
-def _resolve_pretrained(name: str, pretrained: str | None) -> str | None:
-    if pretrained is None or name.startswith(_HUB_PREFIXES):
-        return None if pretrained is None else pretrained
+def _resolve_pretrained(name: str, pretrained: str | None) -> tuple[str | None, str | None]:
+    """(open_clip tag or None, local weights file or None); hub-prefixed names pass ``pretrained`` on."""
+    if pretrained is None:
+        return None, None
+    if name.startswith(_HUB_PREFIXES):
+        return pretrained, None
     if os.path.isfile(pretrained):
-        return pretrained
+        return None, pretrained
     tags = open_clip.list_pretrained_tags_by_model(name)
     if pretrained in tags:
+        check_quick_gelu(name, pretrained)
         check_tag_available(name, pretrained)
-        return pretrained
+        return pretrained, None
     raise ConfigError(f"pretrained {pretrained!r} is neither a file nor an open_clip tag of {name!r} "
                       f"(tags: {tags or 'none'})")
 
@@ -155,17 +271,32 @@ def _resize_attnpool(tower: ModifiedResNet, image_size: int) -> None:
         open_clip.set_model_preprocess_cfg(tower, cfg)
 
 
-def _encode_texts(model: nn.Module, name: str, texts: list[str], dim: int) -> torch.Tensor:
-    if not all(isinstance(t, str) for t in texts):
-        raise ConfigError("texts must all be strings")
-    if not texts:
+def _text_groups(texts: TextGroups | None) -> list[tuple[str, ...]] | None:
+    if texts is None:
+        return None
+    if isinstance(texts, str):
+        raise ConfigError("texts must be a sequence of strings (or of groups of strings), not one string")
+    groups = []
+    for i, item in enumerate(texts):
+        group = (item,) if isinstance(item, str) else tuple(item) if isinstance(item, Sequence) else None
+        if not group or not all(isinstance(t, str) for t in group):
+            raise ConfigError(f"texts[{i}] must be a string or a non-empty sequence of strings, got {item!r}")
+        groups.append(group)
+    return groups
+
+
+def _encode_texts(model: nn.Module, name: str, groups: list[tuple[str, ...]], dim: int) -> torch.Tensor:
+    """[len(groups), dim]: per group, the normalised mean of its descriptions' normalised embeddings."""
+    if not groups:
         return torch.zeros(0, dim)
     tokenizer = open_clip.get_tokenizer(name)
+    flat = [text for group in groups for text in group]
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            embeddings = model.encode_text(tokenizer(texts), normalize=True)
+            embeddings = model.encode_text(tokenizer(flat), normalize=True).float()
     finally:
         model.train(was_training)
-    return embeddings.float().contiguous()
+    means = torch.stack([chunk.mean(dim=0) for chunk in embeddings.split([len(g) for g in groups])])
+    return F.normalize(means, dim=-1).contiguous()

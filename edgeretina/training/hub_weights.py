@@ -1,6 +1,7 @@
-"""Whether an open_clip pretrained tag can be had here, decided in seconds.
+"""Whether an open_clip pretrained tag (or timm's hub weights of a timm model) can be had here, decided in
+seconds.
 
-open_clip fetches a tag's weights from the Hugging Face hub (or its own URL) on first use. On a machine
+open_clip (and timm) fetch a tag's weights from the Hugging Face hub (or its own URL) on first use. On a machine
 without that network, huggingface_hub retries for about 45 s (measured: 46.7 s for RN50/openai, x86-avx2) and
 then fails with a message about connections. ``check_tag_available`` answers first: weights already in the
 local cache are fine; otherwise the hub must be reachable within a few seconds, else a ConfigError says how
@@ -19,6 +20,7 @@ from edgeretina.errors import ConfigError
 CONNECT_TIMEOUT_S = 3.0
 _HUB_HOST = "huggingface.co"
 _HUB_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+_TIMM_HUB_FILES = ("model.safetensors", "pytorch_model.bin")   # timm.models._hub HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 _OFFLINE_VALUES = {"1", "true", "yes", "on"}
 
 
@@ -42,16 +44,53 @@ def check_tag_available(name: str, tag: str) -> None:
             f"(under ~/.cache/huggingface/hub) here and pass --pretrained /path/to/that/file")
 
 
+def check_timm_weights_available(model_name: str) -> None:
+    """Raise ConfigError unless timm's pretrained weights of ``model_name`` (a timm name, optionally with a
+    ``.tag``) are cached here or their host answers within CONNECT_TIMEOUT_S; also when timm has none."""
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(model_name, allow_unregistered=False)
+    except RuntimeError as error:
+        raise ConfigError(f"timm has no pretrained weights for {model_name!r}: {error}") from None
+    hub_id, url = cfg.hf_hub_id or "", cfg.url or ""
+    if not hub_id and not url:
+        raise ConfigError(f"timm has no downloadable pretrained weights for {model_name!r}: pass --pretrained "
+                          "/path/to/weights-file")
+    files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else _TIMM_HUB_FILES
+    if hub_id and _in_hub_cache(hub_id, files):
+        return
+    if not hub_id and os.path.isfile(os.path.join(_torch_hub_checkpoints(), os.path.basename(urlparse(url).path))):
+        return
+    host = _HUB_HOST if hub_id else urlparse(url).hostname
+    why = _unreachable(host) if host else None
+    if why:
+        raise ConfigError(
+            f"pretrained 'timm' of timm/{model_name} means timm's hub weights, and they are neither cached here nor "
+            f"downloadable ({host}: {why}). On a machine with network run: python -c \"import timm; "
+            f"timm.create_model('{model_name}', pretrained=True)\", copy the downloaded weights file "
+            f"(under ~/.cache/huggingface/hub) here and pass --pretrained /path/to/that/file")
+
+
+def _in_hub_cache(repo: str, filenames) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    return any(isinstance(try_to_load_from_cache(repo, f), str) for f in filenames)
+
+
+def _torch_hub_checkpoints() -> str:
+    import torch
+
+    return os.path.join(torch.hub.get_dir(), "checkpoints")
+
+
 def _cached(cfg: dict) -> bool:
     hub = cfg.get("hf_hub", "")
     if hub:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-        except ImportError:
-            return False
         repo, filename = os.path.split(hub)   # as open_clip splits it: "timm/x.openai/" names no file
-        candidates = (filename,) if filename else _HUB_FILES
-        return any(isinstance(try_to_load_from_cache(repo, f), str) for f in candidates)
+        return _in_hub_cache(repo, (filename,) if filename else _HUB_FILES)
     url = cfg.get("url", "")
     return bool(url) and os.path.isfile(os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url)))
 

@@ -23,9 +23,18 @@ the joint space depends on the tower:
   custom attention pool in the head (``timm_pool`` ``abs_attn``/``rot_attn``, no shipped config uses
   them) are refused with ConfigError.
 
+- a timm model used directly (backbone name ``timm/<model>``, built with ``num_classes=0``; RETFound's
+  ViT-L/16, RETFound-Green's DINOv2 ViT-S/14, ConvNeXt, ...): pooled = ``forward_head(forward_features(x),
+  pre_logits=True)`` and the tokens are every position of ``forward_features`` (the NLC tokens after the
+  prefix tokens, or the NCHW/NHWC map) through the same ``forward_head`` as one-position images, exactly
+  as for TimmModel. Such a tower has no joint image-text space and no text tower: GraderModel learns its
+  prototypes. Its mean, std and input size come from timm's data config of the model
+  (``timm.data.resolve_model_data_config``), the others' from open_clip's preprocess config.
+
 open_clip's CoCa-style attentional poolers give query tokens, not patch tokens, and are refused.
 
-An adapter reads the tower's geometry once (``image_size``, ``grid_size``, ``embed_dim``, ``token_path``)
+An adapter reads the tower's geometry once (``image_size``, ``grid_size``, ``embed_dim``, ``token_path``,
+``mean``, ``std``)
 and holds no reference to it: the tower stays a submodule of the VisionBackbone (its state-dict keys),
 and ``forward(tower, images)`` is given it on every call.
 """
@@ -36,7 +45,9 @@ import logging
 import math
 from contextlib import contextmanager
 
+import open_clip
 import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.modified_resnet import ModifiedResNet
 from open_clip.timm_model import TimmModel
 from open_clip.transformer import VisionTransformer
@@ -55,21 +66,41 @@ class TowerAdapter:
     grid_size: tuple[int, int]
     embed_dim: int
     token_path: str     # how the tokens reach the joint space, for manifests
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
 
     def forward(self, tower: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
 
 def adapter_for(tower: nn.Module) -> TowerAdapter:
-    """The adapter of an open_clip image tower; ConfigError for a tower kind we cannot take tokens from."""
+    """The adapter of an open_clip image tower or a timm model; ConfigError for a tower kind we cannot take
+    tokens from."""
     if isinstance(tower, VisionTransformer):
-        return VitAdapter(tower)
-    if isinstance(tower, ModifiedResNet):
-        return ResNetAdapter(tower)
-    if isinstance(tower, TimmModel):
-        return TimmAdapter(tower)
-    raise ConfigError(f"unsupported open_clip image tower {type(tower).__name__}: "
-                      "supported are VisionTransformer, ModifiedResNet and TimmModel")
+        adapter = VitAdapter(tower)
+    elif isinstance(tower, ModifiedResNet):
+        adapter = ResNetAdapter(tower)
+    elif isinstance(tower, TimmModel):
+        adapter = TimmAdapter(tower)
+    elif is_timm_model(tower):
+        return TimmDirectAdapter(tower)
+    else:
+        raise ConfigError(f"unsupported image tower {type(tower).__name__}: supported are open_clip's "
+                          "VisionTransformer, ModifiedResNet and TimmModel, and timm models")
+    adapter.mean, adapter.std = _open_clip_normalisation(tower)
+    return adapter
+
+
+def is_timm_model(tower: nn.Module) -> bool:
+    """A timm model (what timm.create_model returns): a pretrained cfg and forward_features/forward_head."""
+    return (isinstance(getattr(tower, "pretrained_cfg", None), dict)
+            and callable(getattr(tower, "forward_features", None)) and callable(getattr(tower, "forward_head", None)))
+
+
+def _open_clip_normalisation(tower: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    preprocess = open_clip.get_model_preprocess_cfg(tower) or {}
+    return (tuple(float(v) for v in preprocess.get("mean", OPENAI_DATASET_MEAN)),
+            tuple(float(v) for v in preprocess.get("std", OPENAI_DATASET_STD)))
 
 
 class VitAdapter(TowerAdapter):
@@ -120,26 +151,12 @@ class ResNetAdapter(TowerAdapter):
         return pooled, tokens
 
 
-class TimmAdapter(TowerAdapter):
-    """The trunk's feature layout (NCHW, NHWC or tokens NLC with prefix tokens) is found by a probe forward."""
+class _PerPositionHead(TowerAdapter):
+    """A timm trunk whose head is applied to every position of its final features as a one-position image.
+
+    The trunk's feature layout (NCHW, NHWC or tokens NLC with prefix tokens) is found by a probe forward."""
 
     kind = "timm"
-
-    def __init__(self, tower: TimmModel):
-        if "pool" in dict(tower.head.named_children()):
-            raise ConfigError("timm towers with an adapter attention pool (timm_pool abs_attn/rot_attn) "
-                              "have no per-position path to the joint space")
-        self.image_size = square_size(tower.image_size)
-        trunk = tower.trunk
-        with _probing(tower, f"timm trunk {type(trunk).__name__} failed a probe forward at {self.image_size} px"):
-            features = trunk.forward_features(self._probe_images())
-        self._read_layout(trunk, features)
-        with _probing(tower, f"timm tower {type(trunk).__name__}: its head does not apply per position"):
-            pooled, tokens = self.forward(tower, self._probe_images())
-        self.embed_dim = int(pooled.shape[-1])
-        if tokens.shape[-1] != self.embed_dim:
-            raise ConfigError(f"timm tower tokens have dim {tokens.shape[-1]}, pooled has {self.embed_dim}")
-        self.token_path = f"timm: each position ({self.layout}) through trunk.forward_head and the adapter head"
 
     def _probe_images(self) -> torch.Tensor:
         return torch.zeros(1, 3, self.image_size, self.image_size)
@@ -159,12 +176,15 @@ class TimmAdapter(TowerAdapter):
         else:
             raise ConfigError(f"timm trunk {type(trunk).__name__} gives features of shape {tuple(features.shape)}")
 
-    def forward(self, tower: TimmModel, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        trunk, head = tower.trunk, tower.head
-        features = trunk.forward_features(images)
-        pooled = head(trunk.forward_head(features))
-        tokens = head(trunk.forward_head(self._positions(features)))
-        return pooled, tokens.reshape(-1, self.grid_size[0] * self.grid_size[1], tokens.shape[-1])
+    def _read_dims(self, tower: nn.Module, images: torch.Tensor, name: str) -> None:
+        with _probing(tower, f"timm tower {name}: its head does not apply per position"):
+            pooled, tokens = self.forward(tower, images)
+        self.embed_dim = int(pooled.shape[-1])
+        if tokens.shape[-1] != self.embed_dim:
+            raise ConfigError(f"timm tower tokens have dim {tokens.shape[-1]}, pooled has {self.embed_dim}")
+
+    def _as_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens.reshape(-1, self.grid_size[0] * self.grid_size[1], tokens.shape[-1])
 
     def _positions(self, features: torch.Tensor) -> torch.Tensor:
         """Every grid position as a one-position 'image' in the trunk's own layout."""
@@ -179,6 +199,54 @@ class TimmAdapter(TowerAdapter):
             # pooling of identical tokens all return that token's own (value) path.
             positions = positions.expand(-1, self.prefix + 1, channels)
         return positions
+
+
+class TimmAdapter(_PerPositionHead):
+    """open_clip's TimmModel: the trunk's forward_head, then the adapter's head (projection to the joint space)."""
+
+    def __init__(self, tower: TimmModel):
+        if "pool" in dict(tower.head.named_children()):
+            raise ConfigError("timm towers with an adapter attention pool (timm_pool abs_attn/rot_attn) "
+                              "have no per-position path to the joint space")
+        self.image_size = square_size(tower.image_size)
+        trunk = tower.trunk
+        with _probing(tower, f"timm trunk {type(trunk).__name__} failed a probe forward at {self.image_size} px"):
+            features = trunk.forward_features(self._probe_images())
+        self._read_layout(trunk, features)
+        self._read_dims(tower, self._probe_images(), type(trunk).__name__)
+        self.token_path = f"timm: each position ({self.layout}) through trunk.forward_head and the adapter head"
+
+    def forward(self, tower: TimmModel, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        trunk, head = tower.trunk, tower.head
+        features = trunk.forward_features(images)
+        pooled = head(trunk.forward_head(features))
+        tokens = head(trunk.forward_head(self._positions(features)))
+        return pooled, self._as_tokens(tokens)
+
+
+class TimmDirectAdapter(_PerPositionHead):
+    """A timm model itself (num_classes=0): pooled = forward_head(features, pre_logits=True), the tokens its
+    per-position analogue. Input size, mean and std are timm's data config of the model."""
+
+    def __init__(self, model: nn.Module):
+        from timm.data import resolve_model_data_config
+
+        data = resolve_model_data_config(model)
+        self.image_size = square_size(tuple(data["input_size"][1:]))
+        self.mean = tuple(float(v) for v in data["mean"])
+        self.std = tuple(float(v) for v in data["std"])
+        name = type(model).__name__
+        with _probing(model, f"timm model {name} failed a probe forward at {self.image_size} px"):
+            features = model.forward_features(self._probe_images())
+        self._read_layout(model, features)
+        self._read_dims(model, self._probe_images(), name)
+        self.token_path = f"timm-direct: each position ({self.layout}) through forward_head(pre_logits=True)"
+
+    def forward(self, model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = model.forward_features(images)
+        pooled = model.forward_head(features, pre_logits=True)
+        tokens = model.forward_head(self._positions(features), pre_logits=True)
+        return pooled, self._as_tokens(tokens)
 
 
 @contextmanager
