@@ -68,7 +68,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict:
     test_csv = generate_dataset(workdir / "test", n=config.n_test, seed=config.test_seed, config=phantom)
     lap("synthesise phantom data")
     model = ModelConfig(backbone=BackboneConfig(name=config.arch))
-    result = train(TrainConfig(labels=train_csv, out=workdir / "checkpoint.pt", model=model, epochs=config.epochs,
+    result = train(TrainConfig(data=(f"phantom:{train_csv.parent}",), out=workdir / "checkpoint.pt", model=model, epochs=config.epochs,
                                max_minutes=config.train_minutes, precision=config.precision,
                                threads=config.threads), log=log)
     lap("train")

@@ -91,33 +91,74 @@ class GradingConfig:
 
     P(grade > k) = sigmoid((logit_k - thresholds[k]) / temperature); grade = #{k : P(grade > k) > 0.5};
     referable probability = P(grade >= referable_min_grade); referable when it reaches referable_threshold.
+    target_sensitivity: the referable sensitivity referable_threshold was chosen for on held-out cases
+        (training/calibration.py), None when it is the plain 0.5.
+    prototype_temperature: softmax temperature of the prototype logits (text-prototype grade probabilities).
     """
 
     thresholds: tuple[float, ...] = (0.0,) * (NUM_GRADES - 1)
     temperature: float = 1.0
     referable_min_grade: int = REFERABLE_MIN_GRADE
     referable_threshold: float = 0.5
+    target_sensitivity: float | None = None
+    prototype_temperature: float = 1.0
 
     def __post_init__(self):
         if len(self.thresholds) != NUM_GRADES - 1:
             raise ValueError(f"need {NUM_GRADES - 1} ordinal thresholds, got {len(self.thresholds)}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if not self.prototype_temperature > 0:
+            raise ValueError(f"prototype_temperature must be positive, got {self.prototype_temperature}")
         if not 1 <= self.referable_min_grade < NUM_GRADES:
             raise ValueError(f"referable_min_grade must be 1..{NUM_GRADES - 1}")
         if not 0.0 < self.referable_threshold < 1.0:
             raise ValueError("referable_threshold must lie strictly between 0 and 1")
+        if self.target_sensitivity is not None and not 0.0 < self.target_sensitivity < 1.0:
+            raise ValueError("target_sensitivity must be None or lie strictly between 0 and 1")
 
     def to_dict(self) -> dict:
         return {"scale": "ICDR", "num_grades": NUM_GRADES, "thresholds": [float(t) for t in self.thresholds],
                 "temperature": float(self.temperature), "referable_min_grade": self.referable_min_grade,
-                "referable_threshold": float(self.referable_threshold)}
+                "referable_threshold": float(self.referable_threshold),
+                "target_sensitivity": None if self.target_sensitivity is None else float(self.target_sensitivity),
+                "prototype_temperature": float(self.prototype_temperature)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "GradingConfig":
+        """Reads manifests and checkpoints written before target_sensitivity and prototype_temperature
+        existed (they take their defaults)."""
         if data.get("scale", "ICDR") != "ICDR" or data.get("num_grades", NUM_GRADES) != NUM_GRADES:
             raise ValueError(f"unsupported grading scale {data.get('scale')!r} with {data.get('num_grades')} grades")
+        target = data.get("target_sensitivity")
         return cls(thresholds=tuple(float(t) for t in data["thresholds"]),
                    temperature=float(data["temperature"]),
                    referable_min_grade=int(data["referable_min_grade"]),
-                   referable_threshold=float(data["referable_threshold"]))
+                   referable_threshold=float(data["referable_threshold"]),
+                   target_sensitivity=None if target is None else float(target),
+                   prototype_temperature=float(data.get("prototype_temperature", 1.0)))
+
+
+def cumulative_probabilities(ordinal_logits: np.ndarray, grading: GradingConfig) -> np.ndarray:
+    """[B, K-1] logits -> P(grade > k) with the calibrated thresholds and temperature."""
+    z = (np.asarray(ordinal_logits, dtype=np.float64) - np.asarray(grading.thresholds)) / grading.temperature
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def class_probabilities(cumulative: np.ndarray) -> np.ndarray:
+    """P(grade > k) -> P(grade = g). CORAL is rank-consistent in its biases; calibrated thresholds can
+    break monotonicity slightly, so the cumulative curve is made non-increasing first."""
+    monotone = np.minimum.accumulate(cumulative, axis=1)
+    ones = np.ones((len(monotone), 1))
+    zeros = np.zeros((len(monotone), 1))
+    upper = np.concatenate([ones, monotone], axis=1)
+    lower = np.concatenate([monotone, zeros], axis=1)
+    return upper - lower
+
+
+def prototype_probabilities(prototype_logits: np.ndarray, grading: GradingConfig) -> np.ndarray:
+    """[B, 5] prototype logits -> softmax grade probabilities at the calibrated prototype temperature."""
+    z = np.asarray(prototype_logits, dtype=np.float64) / grading.prototype_temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)

@@ -15,37 +15,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from edgeretina.cli import main
 from edgeretina.dataset import read_labels
 from edgeretina.demo import format_summary
 from edgeretina.preprocess import decode_image
 
 ROOT = Path(__file__).resolve().parents[1]
 N, SEED, SIZE = 24, 5, 64
-
-
-@pytest.fixture
-def cli(monkeypatch, capsys):
-    """Run `edgeretina ARGS...` in this process: (exit code, stdout, stderr)."""
-    monkeypatch.delenv("EDGERETINA_DEBUG", raising=False)
-    threads = torch.get_num_threads()
-
-    def run(*args):
-        monkeypatch.setattr(sys, "argv", ["edgeretina", *map(str, args)])
-        capsys.readouterr()
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        finally:
-            torch.set_num_threads(threads)         # --threads sets torch's process-wide count
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
 
 
 def _installed_edgeretina(*args) -> subprocess.CompletedProcess:
@@ -136,7 +112,7 @@ def test_train_writes_a_checkpoint_with_the_asked_configuration(cli, synth_run, 
     assert {k: schedule[k] for k in ("epochs_run", "batch_size", "lr", "seed", "precision", "precision_reason")} == {
         "epochs_run": 1, "batch_size": 8, "lr": 5e-4, "seed": 3, "precision": "fp32",
         "precision_reason": "requested"}                  # not "auto: ..." (which is fp32 too on CPUs without bf16)
-    assert ckpt.summary["train"]["labels"] == str(labels)
+    assert ckpt.summary["train"]["data"] == [f"csv:{labels}"]
     assert ckpt.summary["train"]["n"] == N                                  # all of labels trains: --val validates
     assert ckpt.summary["val"]["n"] == 8 == printed["val"]["n"]
     assert printed["val"]["qwk"] == ckpt.summary["val_metrics"]["qwk"]

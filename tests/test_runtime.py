@@ -43,11 +43,13 @@ def test_grades_match_torch_on_the_same_photos(grader, tiny_checkpoint, phantom_
     prepared = np.stack([prepare(decode_image(i.path), ckpt.preprocess)[0] for i, _ in gradable])
     expected = grade_results(predict(ckpt.model, prepared, ckpt.preprocess)["ordinal_logits"], ckpt.grading)
     assert [r.grade for _, r in gradable] == [e.grade for e in expected]
+    assert grader.grading == ckpt.grading and ckpt.grading.target_sensitivity == 0.87
     for _, record in gradable:
         assert RECORD_KEYS <= set(record.to_dict())
         assert record.error is None and record.screening in ("negative", "referable")
         assert len(record.probabilities) == 5 and sum(record.probabilities) == pytest.approx(1.0, abs=1e-5)
-        assert record.referable == (record.referable_probability >= 0.5)
+        # the operating point calibration chose for the target sensitivity, carried by the manifest
+        assert record.referable == (record.referable_probability >= ckpt.grading.referable_threshold)
         assert len(record.neighbors) == grader.k
         assert record.neighbors[0]["case_id"].startswith("phantom_s11_")   # from the training bank
         assert {"decode", "quality", "preprocess", "inference"} <= set(record.timings_ms)

@@ -58,7 +58,7 @@ def test_calibration_recovers_shifted_thresholds():
     assert thresholds[1] == pytest.approx(1.5, abs=0.4)
     assert (ordinal_grades(logits, thresholds) == grades).mean() > (shifted == grades).mean()
     assert 0.05 < fit_temperature(logits, grades) < 20
-    assert calibrate(logits, grades).thresholds == thresholds
+    assert calibrate(logits, grades).grading.thresholds == thresholds
 
 
 def test_training_writes_a_self_describing_checkpoint(tiny_checkpoint):
@@ -129,7 +129,7 @@ def test_lesion_head_trains_from_phantom_masks_and_exports(phantom_train, phanto
     from edgeretina.runtime.backends import create_runner
     from edgeretina.training.loop import TrainConfig, train
 
-    config = TrainConfig(labels=phantom_train, out=tmp_path / "lesion.pt", epochs=1, batch_size=16,
+    config = TrainConfig(data=phantom_train, out=tmp_path / "lesion.pt", epochs=1, batch_size=16,
                          model=ModelConfig(backbone=BackboneConfig(image_size=64), lesion_head=True), workers=1)
     result = train(config, log=lambda _: None, show_progress=False)
     assert "lesion" in load_checkpoint(result.checkpoint).summary["history"][0]["loss"]
@@ -177,4 +177,151 @@ def test_unusable_training_precisions_are_config_errors():
     with pytest.raises(ConfigError, match="no bf16"):
         resolve_precision("bf16", "cuda", cuda_bf16=False)
     with pytest.raises(ConfigError, match="precision must be one of"):
-        TrainConfig(labels="x.csv", out="y.pt", precision="int4")
+        TrainConfig(data="csv:x.csv", out="y.pt", precision="int4")
+
+
+# ---------------------------------------------------------------- focal loss on the prototype logits
+
+def test_focal_loss_with_gamma_zero_is_cross_entropy():
+    import torch.nn.functional as F
+    from edgeretina.training.losses import focal_loss
+
+    torch.manual_seed(0)
+    logits, targets = torch.randn(16, 5) * 3, torch.randint(0, 5, (16,))
+    for smoothing in (0.0, 0.05, 0.3):
+        expected = F.cross_entropy(logits, targets, label_smoothing=smoothing)
+        assert float(focal_loss(logits, targets, 0.0, smoothing)) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_focal_loss_by_hand_on_two_samples():
+    """Sample 1: equal logits, p = 0.2 everywhere, target 2: -(1 - 0.2)^2 ln 0.2 = 0.64 ln 5.
+    Sample 2: logits (ln 4, 0, 0, 0, 0), p_0 = 4 / 8 = 0.5, target 0: -(1 - 0.5)^2 ln 0.5 = 0.25 ln 2."""
+    import math
+    from edgeretina.training.losses import focal_loss
+
+    logits = torch.tensor([[0.0, 0, 0, 0, 0], [math.log(4.0), 0, 0, 0, 0]])
+    expected = (0.64 * math.log(5.0) + 0.25 * math.log(2.0)) / 2
+    assert float(focal_loss(logits, torch.tensor([2, 0]), gamma=2.0)) == pytest.approx(expected, rel=1e-6)
+    # with smoothing eps the target mass 1 - eps + eps / 5 and eps / 5 elsewhere, each times its (1 - p_c)^2
+    eps = 0.1
+    q = [eps / 5] * 5
+    q[0] += 1 - eps
+    p = [0.5, 0.125, 0.125, 0.125, 0.125]
+    second = -sum(qc * (1 - pc) ** 2 * math.log(pc) for qc, pc in zip(q, p))
+    got = float(focal_loss(logits, torch.tensor([2, 0]), gamma=2.0, label_smoothing=eps))
+    assert got == pytest.approx((0.64 * math.log(5.0) + second) / 2, rel=1e-6)
+
+
+def test_focal_loss_down_weights_easy_examples():
+    import torch.nn.functional as F
+    from edgeretina.training.losses import focal_loss
+
+    easy = torch.tensor([[6.0, 0, 0, 0, 0]])        # p_target ~ 0.99
+    hard = torch.tensor([[0.5, 0, 0, 0, 0]])        # p_target ~ 0.29
+    target = torch.tensor([0])
+
+    def ratio(logits):
+        return float(focal_loss(logits, target, gamma=2.0)) / float(F.cross_entropy(logits, target))
+
+    assert ratio(easy) < 1e-3 < 0.4 < ratio(hard) < 1.0
+    assert ratio(hard) < float(focal_loss(hard, target, gamma=0.5)) / float(F.cross_entropy(hard, target))
+
+
+def test_loss_weights_settings_reach_the_prototype_loss():
+    import torch.nn.functional as F
+    from edgeretina.errors import ConfigError
+    from edgeretina.training.losses import LossWeights, focal_loss, grader_loss
+
+    torch.manual_seed(1)
+    outputs = {"ordinal_logits": torch.randn(6, 4), "prototype_logits": torch.randn(6, 5) * 2,
+               "saliency_logits": torch.randn(6, 2, 2)}
+    grades = torch.tensor([0, 1, 2, 3, 4, 0])
+    _, parts = grader_loss(outputs, grades, LossWeights(focal_gamma=0.0, label_smoothing=0.2))
+    assert parts["prototype"] == pytest.approx(float(F.cross_entropy(outputs["prototype_logits"], grades,
+                                                                     label_smoothing=0.2)), rel=1e-6)
+    _, parts = grader_loss(outputs, grades, LossWeights())
+    assert LossWeights().focal_gamma == 2.0 and LossWeights().label_smoothing == 0.05
+    assert parts["prototype"] == pytest.approx(float(focal_loss(outputs["prototype_logits"], grades, 2.0, 0.05)),
+                                               rel=1e-6)
+    for bad in (dict(focal_gamma=-1.0), dict(label_smoothing=1.0), dict(prototype=-0.5)):
+        with pytest.raises(ConfigError):
+            LossWeights(**bad)
+
+
+# ---------------------------------------------------------------- augmentation that keeps the field of view
+
+def _disc_image(size: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    yy, xx = np.mgrid[0:size, 0:size]
+    disc = (xx + 0.5 - size / 2) ** 2 + (yy + 0.5 - size / 2) ** 2 <= (size / 2) ** 2
+    image = np.zeros((size, size, 3), np.uint8)
+    image[disc] = np.random.default_rng(seed).integers(40, 180, (int(disc.sum()), 3))
+    return image, disc
+
+
+def test_augmentation_keeps_the_outside_black_and_the_circle_its_size(phantom_test):
+    from edgeretina.dataset import read_labels
+    from edgeretina.preprocess import PreprocessConfig
+    from edgeretina.training.augment import AugmentConfig, augment
+    from edgeretina.training.data import prepare_images
+
+    prepared = prepare_images(read_labels(phantom_test)[:4], PreprocessConfig(image_size=96), workers=1).images
+    strong = AugmentConfig(brightness=0.4, contrast=0.3, colour=0.2, gamma=0.3, blur_probability=0.5)
+    geometric = AugmentConfig(brightness=0.0, contrast=0.0, colour=0.0, gamma=0.0, blur_probability=0.0)
+    rng = np.random.default_rng(0)
+    for config in [strong] * 6 + [geometric] * 6:
+        out, _ = augment(prepared, rng, config=config)
+        for before, after in zip(prepared, out):
+            field = before.max(-1) > 0
+            assert after[~field].max() == 0                               # outside the circle: still black
+            radius_before = np.sqrt(field.sum() / np.pi)
+            radius_after = np.sqrt((after.max(-1) > 0).sum() / np.pi)
+            assert 0.97 * radius_before <= radius_after <= radius_before   # the circle keeps its radius
+            assert not np.array_equal(before, after)
+
+
+def test_lesion_grid_follows_a_rotation():
+    from edgeretina.training.augment import AugmentParams, apply
+
+    image, _ = _disc_image()
+    image[4:12, 20:28] = 250                       # a bright lesion at the centre of grid cell (0, 1) of 4 x 4
+    grid = np.zeros((6, 4, 4), np.uint8)
+    grid[2, 0, 1] = 1
+    for quarter in (1, 2, 3):                       # right angles: exactly np.rot90 (counter-clockwise)
+        out, out_grid = apply(image, AugmentParams(angle=90.0 * quarter), grid)
+        assert np.array_equal(out_grid, np.rot90(grid, quarter, axes=(1, 2)))
+        assert np.array_equal(out, np.rot90(image, quarter))
+    for angle, zoom, flip in ((30.0, 1.0, False), (-45.0, 1.08, False), (137.0, 1.05, True), (200.0, 1.1, True)):
+        out, out_grid = apply(image, AugmentParams(angle=angle, zoom=zoom, flip_x=flip), grid)
+        bright = (out.max(-1) >= 240).astype(float).reshape(4, 16, 4, 16).sum(axis=(1, 3))
+        cell = np.unravel_index(np.argmax(bright), (4, 4))
+        assert out_grid[2][cell] == 1, (angle, cell, out_grid[2])
+        assert 1 <= out_grid.sum() <= 2 and out_grid[[0, 1, 3, 4, 5]].sum() == 0
+
+
+def test_flips_mirror_image_and_grid():
+    from edgeretina.training.augment import AugmentParams, apply
+
+    image, _ = _disc_image(seed=1)
+    grid = np.random.default_rng(2).integers(0, 2, (6, 4, 4)).astype(np.uint8)
+    out, out_grid = apply(image, AugmentParams(flip_x=True), grid)
+    assert np.array_equal(out, image[:, ::-1]) and np.array_equal(out_grid, grid[:, :, ::-1])
+    out, out_grid = apply(image, AugmentParams(flip_y=True), grid)
+    assert np.array_equal(out, image[::-1]) and np.array_equal(out_grid, grid[:, ::-1])
+
+
+def test_no_op_augmentation_returns_the_input():
+    from edgeretina.errors import ConfigError
+    from edgeretina.training.augment import NO_AUGMENTATION, AugmentConfig, AugmentParams, apply, augment
+
+    image, _ = _disc_image(seed=3)
+    grid = np.random.default_rng(4).integers(0, 2, (6, 4, 4)).astype(np.uint8)
+    for params in (AugmentParams(), AugmentParams(angle=0.0, zoom=1.0), AugmentParams(angle=360.0)):
+        out, out_grid = apply(image, params, grid)
+        assert np.array_equal(out, image) and np.array_equal(out_grid, grid) and out is not image
+    images, grids = np.stack([image, image[::-1]]), np.stack([grid, grid])
+    out, out_grids = augment(images, np.random.default_rng(0), grids, config=NO_AUGMENTATION)
+    assert np.array_equal(out, images) and np.array_equal(out_grids, grids)
+    with pytest.raises(ConfigError):
+        AugmentConfig(max_zoom=0.5)
+    with pytest.raises(ConfigError):
+        AugmentConfig(max_rotation=270.0)

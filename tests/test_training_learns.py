@@ -91,7 +91,7 @@ def small_heldout(tmp_path_factory):
 def _config(labels, out, **overrides):
     from edgeretina.training.loop import TrainConfig
 
-    settings = dict(labels=labels, out=out, epochs=EPOCHS, batch_size=BATCH, lr=1e-3, seed=SEED, model=MODEL,
+    settings = dict(data=labels, out=out, epochs=EPOCHS, batch_size=BATCH, lr=1e-3, seed=SEED, model=MODEL,
                     workers=1, threads=1, precision="fp32")
     settings.update(overrides)
     return TrainConfig(**settings)
@@ -211,13 +211,13 @@ def test_time_budget_stops_training_after_the_first_epoch(small_train, tmp_path)
 
 
 def test_val_labels_are_the_validation_set_and_all_of_labels_trains(small_train, small_heldout, tmp_path):
-    ckpt = _train(_config(small_train, tmp_path / "val.pt", epochs=1, val_labels=small_heldout))
+    ckpt = _train(_config(small_train, tmp_path / "val.pt", epochs=1, val_data=small_heldout))
     heldout = read_labels(small_heldout)
     train_items = read_labels(small_train)
     counts = np.bincount([item.grade for item in heldout], minlength=5).tolist()
     assert ckpt.summary["val"] == {"n": N_HELDOUT, "grade_counts": counts}
     assert ckpt.summary["train"]["n"] == len(train_items) == N_TRAIN          # no split taken from labels
-    assert ckpt.summary["train"]["labels"] == str(small_train)
+    assert ckpt.summary["train"]["data"] == [f"csv:{small_train}"]
     assert ckpt.bank is not None and sorted(ckpt.bank.case_ids) == sorted(i.case_id for i in train_items)
 
 

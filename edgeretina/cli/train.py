@@ -7,17 +7,27 @@ from typing import Annotated, Optional
 import typer
 
 from edgeretina.cli import app
-from edgeretina.cli._options import ComputeThreadsOption, SeedOption, TrainingPrecision
+from edgeretina.cli._options import ComputeThreadsOption, SeedOption, TrainingPrecision, choice_enum
+
+# The choices as data (training/data.py SAMPLERS, training/loop.py DEVICES), written out here so that
+# `--help` does not import torch.
+Sampler = choice_enum("Sampler", ("per_grade", "weighted"))
+Device = choice_enum("Device", ("cpu", "cuda"))
 
 
-@app.command(epilog="Example: edgeretina train data/train/labels.csv --out model.pt --val data/val/labels.csv --epochs 20")
+@app.command(epilog="Examples: edgeretina train --data aptos:/data/aptos2019 --data eyepacs:/data/eyepacs --out model.pt --epochs 20\n\n"
+                     "edgeretina train data/train/labels.csv --val data/val/labels.csv --out model.pt")
 def train(
-    labels: Annotated[Path, typer.Argument(help="labels.csv of the training set (path, grade, ...).")],
+    labels: Annotated[Optional[Path], typer.Argument(help="labels.csv of the training set (path, grade, ...): the same as --data csv:LABELS.")] = None,
+    data: Annotated[Optional[list[str]], typer.Option("--data", "-d", help="Training data as FORMAT:PATH (aptos, eyepacs, ddr, idrid, messidor2, deepdrid, phantom, dicom, csv); repeat to merge corpora.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint file to write.")] = Path("checkpoint.pt"),
     arch: Annotated[str, typer.Option("--arch", help="open_clip model name or edgeretina preset.")] = "edgeretina-tiny-rn",
     pretrained: Annotated[Optional[str], typer.Option("--pretrained", help="Local weights file or open_clip tag.")] = None,
     image_size: Annotated[Optional[int], typer.Option("--image-size", help="Override the model input size.")] = None,
-    val_labels: Annotated[Optional[Path], typer.Option("--val", help="labels.csv of a validation set.")] = None,
+    val: Annotated[Optional[list[str]], typer.Option("--val", help="Validation data as FORMAT:PATH or a labels.csv (repeatable). Default: a patient-, source- and grade-aware split of the training data.")] = None,
+    val_fraction: Annotated[float, typer.Option("--val-fraction", min=0.01, max=0.5, help="Share of the training data held out for validation when --val is not given.")] = 0.15,
+    target_sensitivity: Annotated[float, typer.Option("--target-sensitivity", min=0.01, max=0.99, help="Referable sensitivity the operating point must reach on the validation set.")] = 0.87,
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="JSON of grade and lesion descriptions for the text prototypes (default: the packaged prompts.json).")] = None,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 10,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
     lr: Annotated[float, typer.Option("--lr")] = 1e-3,
@@ -25,19 +35,52 @@ def train(
     ben_graham: Annotated[bool, typer.Option("--ben-graham", help="Local-average subtraction preprocessing.")] = False,
     precision: Annotated[TrainingPrecision, typer.Option("--precision", help="auto = bf16 only where the CPU has bf16 units; fp16 on CUDA.")] = TrainingPrecision("auto"),
     max_minutes: Annotated[Optional[float], typer.Option("--max-minutes", help="Stop after this budget.")] = None,
+    sampler: Annotated[Sampler, typer.Option("--sampler", help="per_grade: n images of every grade in each batch; weighted: class-balancing weights.")] = Sampler("per_grade"),
+    per_grade: Annotated[Optional[int], typer.Option("--per-grade", min=1, help="Images of each grade per batch (default: batch size // grades present).")] = None,
+    patience: Annotated[Optional[int], typer.Option("--patience", min=1, help="Stop when validation QWK has not risen for this many epochs.")] = None,
+    min_delta: Annotated[float, typer.Option("--min-delta", min=0.0, help="The rise in validation QWK that counts for --patience.")] = 0.0,
+    trainable_blocks: Annotated[Optional[int], typer.Option("--trainable-blocks", min=0, help="Train only the backbone's last N blocks; 0 freezes it (heads only). Default: everything.")] = None,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Flips, rotation, zoom, exposure, colour, gamma, blur inside the field of view.")] = True,
+    focal_gamma: Annotated[float, typer.Option("--focal-gamma", min=0.0, help="Focal loss gamma on the prototype logits (0: cross-entropy).")] = 2.0,
+    label_smoothing: Annotated[float, typer.Option("--label-smoothing", min=0.0, max=0.99, help="Label smoothing of the prototype targets.")] = 0.05,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the resume file next to --out, when there is one.")] = False,
+    device: Annotated[Device, typer.Option("--device", help="cpu or cuda (under torchrun each process takes cuda:LOCAL_RANK).")] = Device("cpu"),
     threads: ComputeThreadsOption = None,
     seed: SeedOption = 0,
 ) -> None:
-    """Train a grader (open_clip tower, text prototypes, CORAL head, patch saliency) on a labels.csv."""
+    """Train a grader (open_clip or timm tower, text prototypes, CORAL head, patch saliency) on one or more datasets.
+
+    Several processes: torchrun --nproc_per_node N -m edgeretina train ... (DDP; rank 0 writes)."""
     from edgeretina.training.backbone import BackboneConfig
     from edgeretina.training.loop import TrainConfig, train as run_training
+    from edgeretina.training.losses import LossWeights
     from edgeretina.training.model import ModelConfig
 
     model = ModelConfig(backbone=BackboneConfig(name=arch, pretrained=pretrained, image_size=image_size),
                         lesion_head=lesion_head)
-    config = TrainConfig(labels=labels, out=out, model=model, val_labels=val_labels, epochs=epochs,
+    specs = [f"csv:{labels}"] if labels is not None else []
+    config = TrainConfig(data=tuple(specs + list(data or [])), out=out, model=model,
+                         val_data=tuple(_spec_or_labels(v) for v in val or []), val_fraction=val_fraction,
+                         target_sensitivity=target_sensitivity, prompts_file=prompts, epochs=epochs,
                          batch_size=batch_size, lr=lr, backbone_lr_scale=0.1 if pretrained else 1.0,
-                         ben_graham=ben_graham, precision=precision.value, max_minutes=max_minutes, threads=threads, seed=seed)
+                         ben_graham=ben_graham, precision=precision.value, max_minutes=max_minutes, threads=threads, seed=seed,
+                         sampler=sampler.value, per_grade=per_grade, patience=patience, min_delta=min_delta,
+                         trainable_blocks=trainable_blocks, augment=augment, resume=resume, device=device.value,
+                         loss=LossWeights(focal_gamma=focal_gamma, label_smoothing=label_smoothing))
     result = run_training(config)
-    typer.echo(json.dumps({"checkpoint": str(result.checkpoint), "seconds": result.seconds,
-                           "val": {k: result.metrics.get(k) for k in ("qwk", "accuracy", "n")}}))
+    if result.rank == 0:        # under torchrun every process returns; one line is printed
+        typer.echo(json.dumps({"checkpoint": str(result.checkpoint), "seconds": result.seconds,
+                               "val": {k: result.metrics.get(k) for k in ("qwk", "accuracy", "n")}}))
+
+
+def _spec_or_labels(text: str) -> str:
+    """--val takes FORMAT:PATH or, as before datasets had layouts, the path of a labels.csv."""
+    from edgeretina.errors import ConfigError
+    from edgeretina.layouts import parse_data_spec
+
+    try:
+        return str(parse_data_spec(text))
+    except ConfigError:
+        if Path(text).suffix.lower() == ".csv":
+            return f"csv:{text}"
+        raise

@@ -1,14 +1,27 @@
-"""Post-hoc calibration of the ordinal head on held-out logits (numpy; no re-training, no re-export).
+"""Post-hoc calibration on held-out logits (numpy; no re-training, no re-export).
 
-Temperature scaling (Guo et al. 2017) applied to the CORAL cumulative logits, and one operating point
-per cumulative task ("grade > k") chosen on held-out logits.
+- one operating point per cumulative CORAL task ("grade > k"), chosen on held-out logits;
+- temperature scaling (Guo et al. 2017) of the CORAL cumulative logits and, separately, of the
+  prototype logits, with the expected calibration error before and after;
+- a referable operating point: the P(referable) threshold that reaches a target sensitivity on the
+  held-out cases (default 0.87, the sensitivity endpoint of the pivotal trial of the first autonomous
+  DR device, Abramoff et al. 2018), with the specificity it costs.
+
+Everything lands in GradingConfig, which checkpoints and bundle manifests carry.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from edgeretina.grades import GradingConfig, NUM_GRADES
+from edgeretina.errors import DatasetError
+from edgeretina.grades import (GradingConfig, NUM_GRADES, class_probabilities, cumulative_probabilities,
+                               prototype_probabilities)
+from edgeretina.metrics import expected_calibration_error, sensitivity_specificity
+
+DEFAULT_TARGET_SENSITIVITY = 0.87
 
 _THRESHOLD_GRID = np.round(np.arange(-3.0, 3.0001, 0.1), 3)
 _MIN_GAIN = 0.002  # a threshold moves only for a real accuracy gain: small validation sets overfit easily
@@ -23,10 +36,7 @@ def fit_temperature(ordinal_logits: np.ndarray, grades: np.ndarray) -> float:
         z = logits / temperature
         return float(np.mean(np.logaddexp(0.0, z) - targets * z))
 
-    candidates = np.exp(np.linspace(np.log(0.05), np.log(20.0), 121))
-    best = min(candidates, key=nll)
-    fine = best * np.exp(np.linspace(-0.05, 0.05, 21))
-    return float(min(fine, key=nll))
+    return _search_log_temperature(nll)
 
 
 def fit_thresholds(ordinal_logits: np.ndarray, grades: np.ndarray) -> tuple[float, ...]:
@@ -48,10 +58,103 @@ def fit_thresholds(ordinal_logits: np.ndarray, grades: np.ndarray) -> tuple[floa
     return tuple(thresholds)
 
 
-def calibrate(ordinal_logits: np.ndarray, grades: np.ndarray, base: GradingConfig = GradingConfig()) -> GradingConfig:
+def fit_prototype_temperature(prototype_logits: np.ndarray, grades: np.ndarray) -> float:
+    """Temperature minimising the softmax NLL of the prototype logits (1-D search on log T)."""
+    logits = np.asarray(prototype_logits, dtype=np.float64)
+    rows = np.arange(len(logits))
+
+    def nll(temperature: float) -> float:
+        z = logits / temperature
+        z = z - z.max(axis=1, keepdims=True)
+        return float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[rows, grades]))
+
+    return _search_log_temperature(nll)
+
+
+def _search_log_temperature(nll) -> float:
+    candidates = np.exp(np.linspace(np.log(0.05), np.log(20.0), 121))
+    best = min(candidates, key=nll)
+    fine = best * np.exp(np.linspace(-0.05, 0.05, 21))
+    return float(min(fine, key=nll))
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    threshold: float              # referable when P(referable) >= threshold
+    target_sensitivity: float
+    sensitivity: float            # on the held-out cases it was chosen on
+    specificity: float | None
+    positives: int
+    negatives: int
+
+
+def referable_operating_point(referable_scores: np.ndarray, grades: np.ndarray,
+                              target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY,
+                              referable_min_grade: int = 2) -> OperatingPoint:
+    """The highest P(referable) threshold whose sensitivity on these cases reaches the target.
+
+    The threshold sits halfway between the score of the last positive it must catch and the next lower
+    score, so it does not rest on one case's exact score. Raises DatasetError without referable cases.
+    """
+    if not 0.0 < target_sensitivity < 1.0:
+        raise ValueError(f"target sensitivity must lie strictly between 0 and 1, got {target_sensitivity}")
+    scores = np.asarray(referable_scores, dtype=np.float64)
+    positive = np.asarray(grades) >= referable_min_grade
+    if not positive.any():
+        raise DatasetError("no referable case (grade >= 2) in the calibration data: "
+                           "a referable operating point cannot be chosen")
+    ranked = np.sort(scores[positive])[::-1]
+    needed = int(np.ceil(target_sensitivity * len(ranked) - 1e-9))      # positives to catch
+    last = ranked[needed - 1]
+    lower = scores[scores < last]
+    threshold = 0.5 * (last + lower.max()) if lower.size else last
+    threshold = float(np.clip(threshold, 1e-6, 1.0 - 1e-6))
+    sensitivity, specificity = sensitivity_specificity(positive.astype(np.int64), scores >= threshold)
+    return OperatingPoint(threshold=threshold, target_sensitivity=float(target_sensitivity),
+                          sensitivity=float(sensitivity), specificity=specificity,
+                          positives=int(positive.sum()), negatives=int((~positive).sum()))
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    grading: GradingConfig
+    report: dict            # ECE before/after, temperatures, thresholds, operating point (JSON-ready)
+
+
+def calibrate(ordinal_logits: np.ndarray, grades: np.ndarray, base: GradingConfig = GradingConfig(),
+              prototype_logits: np.ndarray | None = None,
+              target_sensitivity: float | None = DEFAULT_TARGET_SENSITIVITY) -> CalibrationResult:
+    """Fit the ordinal thresholds, both temperatures and the referable operating point on held-out
+    outputs. target_sensitivity None keeps base's referable threshold."""
+    grades = np.asarray(grades)
     thresholds = fit_thresholds(ordinal_logits, grades)
     shifted = np.asarray(ordinal_logits, dtype=np.float64) - np.asarray(thresholds)[None, :]
-    return GradingConfig(thresholds=thresholds,
-                         temperature=fit_temperature(shifted, grades),
-                         referable_min_grade=base.referable_min_grade,
-                         referable_threshold=base.referable_threshold)
+    fitted = GradingConfig(thresholds=thresholds, temperature=fit_temperature(shifted, grades),
+                           referable_min_grade=base.referable_min_grade,
+                           referable_threshold=base.referable_threshold,
+                           target_sensitivity=base.target_sensitivity,
+                           prototype_temperature=(fit_prototype_temperature(prototype_logits, grades)
+                                                  if prototype_logits is not None else base.prototype_temperature))
+    report = {"n": int(len(grades)), "thresholds": list(thresholds), "temperature": fitted.temperature,
+              "ece_ordinal": {"before": _ordinal_ece(ordinal_logits, grades, base),
+                              "after": _ordinal_ece(ordinal_logits, grades, fitted)}}
+    if prototype_logits is not None:
+        report["prototype_temperature"] = fitted.prototype_temperature
+        report["ece_prototype"] = {"before": _prototype_ece(prototype_logits, grades, base),
+                                   "after": _prototype_ece(prototype_logits, grades, fitted)}
+    if target_sensitivity is not None:
+        referable = cumulative_probabilities(ordinal_logits, fitted)[:, fitted.referable_min_grade - 1]
+        point = referable_operating_point(referable, grades, target_sensitivity, fitted.referable_min_grade)
+        fitted = GradingConfig(**{**fitted.__dict__, "referable_threshold": point.threshold,
+                                  "target_sensitivity": point.target_sensitivity})
+        report["operating_point"] = point.__dict__.copy()
+    return CalibrationResult(grading=fitted, report=report)
+
+
+def _ordinal_ece(ordinal_logits, grades, grading: GradingConfig) -> float:
+    probs = class_probabilities(cumulative_probabilities(ordinal_logits, grading))
+    return expected_calibration_error(probs, grades)
+
+
+def _prototype_ece(prototype_logits, grades, grading: GradingConfig) -> float:
+    return expected_calibration_error(prototype_probabilities(prototype_logits, grading), grades)

@@ -32,15 +32,20 @@ class TrainingBank:
     embeddings: np.ndarray      # float32 [N, D]
     grades: np.ndarray          # int64 [N]
     case_ids: list[str]
+    sources: list[str] | None = None    # the dataset each case came from (aptos, eyepacs, phantom, ...)
 
     def to_state(self) -> dict[str, Any]:
-        return {"embeddings": torch.from_numpy(self.embeddings.astype(np.float16)),
-                "grades": torch.from_numpy(self.grades.astype(np.int64)), "case_ids": list(self.case_ids)}
+        state = {"embeddings": torch.from_numpy(self.embeddings.astype(np.float16)),
+                 "grades": torch.from_numpy(self.grades.astype(np.int64)), "case_ids": list(self.case_ids)}
+        if self.sources is not None:
+            state["sources"] = list(self.sources)
+        return state
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "TrainingBank":
+        sources = state.get("sources")
         return cls(embeddings=state["embeddings"].float().numpy(), grades=state["grades"].numpy(),
-                   case_ids=list(state["case_ids"]))
+                   case_ids=list(state["case_ids"]), sources=list(sources) if sources is not None else None)
 
 
 @dataclass

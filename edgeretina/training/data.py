@@ -1,4 +1,5 @@
-"""Training data: labels.csv -> images prepared once by the shared preprocessing -> augmented batches.
+"""Training data: labels.csv -> images prepared once by the shared preprocessing -> balanced batches
+(augmentation: training/augment.py).
 
 Images are decoded and prepared (FOV crop, resize) a single time into a uint8 array, so an epoch costs
 only augmentation and the forward/backward pass; normalisation happens last, on the batch, with the
@@ -19,9 +20,10 @@ import numpy as np
 import torch
 
 from edgeretina.dataset import LabeledImage
-from edgeretina.errors import DatasetError, EdgeRetinaError
+from edgeretina.errors import ConfigError, DatasetError, EdgeRetinaError
 from edgeretina.grades import LESION_CODES
 from edgeretina.preprocess import PreprocessConfig, decode_image, grid_presence, normalize, prepare
+from edgeretina.training.augment import augment  # noqa: F401  (moved to augment.py; kept importable here)
 
 
 @dataclass
@@ -31,6 +33,7 @@ class PreparedSet:
     case_ids: list[str]
     skipped: list[tuple[str, str]]  # (path, reason) of files that could not be used
     lesions: np.ndarray | None = None   # uint8 [N, L, h, w] patch-grid lesion targets, when masks exist
+    sources: list[str] | None = None    # the dataset of each image (LabeledImage.source), "unknown" when unset
 
 
 def _mask_at(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -85,7 +88,8 @@ def prepare_images(items: Sequence[LabeledImage], config: PreprocessConfig, work
     return PreparedSet(images=np.stack([results[i][0] for i in keep]),
                        grades=np.array([items[i].grade for i in keep], dtype=np.int64),
                        case_ids=[items[i].case_id for i in keep], skipped=skipped,
-                       lesions=np.stack([results[i][1] for i in keep]) if lesion_grid else None)
+                       lesions=np.stack([results[i][1] for i in keep]) if lesion_grid else None,
+                       sources=[items[i].source or "unknown" for i in keep])
 
 
 def _mask_paths(item: LabeledImage) -> list[Path]:
@@ -94,6 +98,72 @@ def _mask_paths(item: LabeledImage) -> list[Path]:
     if missing:
         raise DatasetError(f"the lesion head needs lesion masks; missing {missing[0]} (and {len(missing) - 1} more)")
     return paths
+
+
+SAMPLERS = ("per_grade", "weighted")
+
+
+class PerGradeBatchSampler:
+    """Batches with exactly `per_grade` images of every grade present (batch = per_grade x grades present).
+
+    An epoch runs until every image of the largest grade has been drawn once: ceil(largest / per_grade)
+    batches. Each grade's images come from successive fresh permutations, so within an epoch none repeats
+    before all of its grade have been drawn; rarer grades cycle (with a reshuffle each time round) and the
+    largest grade's last batch is topped up from its next permutation. The schedule is a function of
+    (seed, epoch) alone: every process of a distributed run draws the same batches, and resuming at an
+    epoch needs no sampler state beyond the epoch.
+    """
+
+    def __init__(self, grades: np.ndarray, per_grade: int, seed: int):
+        if per_grade < 1:
+            raise ConfigError(f"per_grade must be at least 1, got {per_grade}")
+        grades = np.asarray(grades)
+        self.per_grade, self.seed = int(per_grade), int(seed)
+        self.grades_present = [int(g) for g in np.unique(grades)]
+        self._members = [np.flatnonzero(grades == g) for g in self.grades_present]
+        self.steps_per_epoch = max(math.ceil(len(m) / self.per_grade) for m in self._members)
+        self.batch_size = self.per_grade * len(self.grades_present)
+
+    def batches(self, epoch: int) -> Iterator[np.ndarray]:
+        rng = np.random.default_rng([self.seed, _PER_GRADE_STREAM, epoch])
+        need = self.steps_per_epoch * self.per_grade
+        streams = [_cycled_permutations(members, need, rng) for members in self._members]
+        for step in range(self.steps_per_epoch):
+            part = slice(step * self.per_grade, (step + 1) * self.per_grade)
+            yield np.concatenate([stream[part] for stream in streams])
+
+    def state_dict(self) -> dict:
+        return {"kind": "per_grade", "per_grade": self.per_grade, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Nothing to restore: the schedule depends on (seed, epoch) only."""
+
+
+class WeightedBatchSampler:
+    """Indices drawn with replacement, with probability inversely proportional to the frequency of their
+    grade (a class-balanced sampler); ceil(N / batch_size) batches an epoch. Draws from its own generator,
+    whose state is what a resumed run restores."""
+
+    def __init__(self, grades: np.ndarray, batch_size: int, rng: np.random.Generator):
+        self._grades, self.batch_size, self.rng = np.asarray(grades), int(batch_size), rng
+        self.steps_per_epoch = steps_per_epoch(len(self._grades), self.batch_size)
+
+    def batches(self, epoch: int) -> Iterator[np.ndarray]:
+        return balanced_batches(self._grades, self.batch_size, self.steps_per_epoch, self.rng)
+
+    def state_dict(self) -> dict:
+        return {"kind": "weighted", "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+
+
+_PER_GRADE_STREAM = 7919     # separates the sampler's random stream from the other uses of the seed
+
+
+def _cycled_permutations(members: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    rounds = math.ceil(count / len(members))
+    return np.concatenate([rng.permutation(members) for _ in range(rounds)])[:count]
 
 
 def balanced_batches(grades: np.ndarray, batch_size: int, steps: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
@@ -114,35 +184,6 @@ def to_model_input(images_u8: np.ndarray, config: PreprocessConfig) -> torch.Ten
     """uint8 [B, S, S, 3] -> normalised float32 [B, 3, S, S]: preprocess.normalize itself, so training,
     the export gate's torch reference and the device runtime normalise with one function."""
     return torch.from_numpy(normalize(np.ascontiguousarray(images_u8), config))
-
-
-def augment(images_u8: np.ndarray, rng: np.random.Generator,
-            lesions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Camera-like variation on prepared images: flips (left/right eye), rotation, exposure, contrast,
-    colour balance. Geometric changes keep the circular field of view inside the square and are applied
-    to the lesion grids too."""
-    batch = torch.from_numpy(images_u8).float()                       # [B, S, S, 3]
-    grids = torch.from_numpy(lesions) if lesions is not None else None  # [B, L, h, w]
-    b = batch.shape[0]
-    out = torch.empty_like(batch)
-    out_grids = torch.empty_like(grids) if grids is not None else None
-    for i in range(b):
-        img = batch[i]
-        grid = grids[i] if grids is not None else None
-        flip_x, flip_y, turns = rng.random() < 0.5, rng.random() < 0.5, int(rng.integers(0, 4))
-        img = torch.rot90(img.flip(1) if flip_x else img, turns, dims=(0, 1))
-        img = img.flip(0) if flip_y else img
-        if grid is not None:
-            grid = torch.rot90(grid.flip(2) if flip_x else grid, turns, dims=(1, 2))
-            out_grids[i] = grid.flip(1) if flip_y else grid
-        gain = float(np.exp(rng.normal(0.0, 0.15)))
-        contrast = float(np.exp(rng.normal(0.0, 0.1)))
-        colour = torch.from_numpy(np.exp(rng.normal(0.0, 0.05, size=3))).float()
-        inside = (img.sum(dim=-1, keepdim=True) > 0).float()       # keep the black outside the FOV black
-        mean = img[inside[..., 0] > 0].mean() if inside.any() else img.mean()
-        out[i] = ((img - mean) * contrast + mean) * gain * colour * inside
-    images = out.clamp_(0, 255).round_().to(torch.uint8).numpy()
-    return images, (out_grids.numpy() if out_grids is not None else None)
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:

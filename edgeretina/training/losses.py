@@ -1,4 +1,5 @@
-"""Losses for the grader's heads."""
+"""Losses for the grader's heads: CORAL on the ordinal head, focal loss (with label smoothing) on the
+prototype logits, multiple-instance loss on the patch saliency, BCE + Dice on the lesion head."""
 
 from __future__ import annotations
 
@@ -7,16 +8,36 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from edgeretina.errors import ConfigError
 from edgeretina.grades import NUM_GRADES
 
 
 @dataclass(frozen=True)
 class LossWeights:
+    """Weights of the loss terms and their settings.
+
+    prototype: weight of the focal loss on the prototype logits (Lin et al. 2017). focal_gamma 0 makes it
+    plain cross-entropy; 2.0, the paper's choice, down-weights the many easy grade-0 photographs.
+    label_smoothing: of the prototype targets (0.05 spreads 5 % of each target over all five grades).
+    Raises ConfigError for negative weights, a negative gamma or a smoothing outside [0, 1).
+    """
+
     coral: float = 1.0
     prototype: float = 0.5
     saliency: float = 0.2      # multiple-instance loss on the patch disease evidence
     saliency_top_k: int = 4    # patches averaged for the image-level "any DR" evidence
     lesion: float = 1.0        # patch-level lesion head, when lesion targets exist
+    focal_gamma: float = 2.0
+    label_smoothing: float = 0.05
+
+    def __post_init__(self):
+        for name in ("coral", "prototype", "saliency", "lesion", "focal_gamma"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"loss {name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
+        if self.saliency_top_k < 1:
+            raise ConfigError(f"saliency_top_k must be at least 1, got {self.saliency_top_k}")
 
 
 def coral_targets(grades: torch.Tensor) -> torch.Tensor:
@@ -27,6 +48,18 @@ def coral_targets(grades: torch.Tensor) -> torch.Tensor:
 
 def coral_loss(ordinal_logits: torch.Tensor, grades: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(ordinal_logits, coral_targets(grades))
+
+
+def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0,
+               label_smoothing: float = 0.0) -> torch.Tensor:
+    """Multi-class focal loss, mean over the batch: -sum_c q_c (1 - p_c)^gamma log p_c, where p is the
+    softmax of `logits` [B, C] and q the (smoothed) one-hot target: (1 - eps) on the target class plus
+    eps / C on every class. gamma = 0 gives F.cross_entropy(logits, targets, label_smoothing=eps)."""
+    log_p = F.log_softmax(logits, dim=-1)
+    classes = logits.shape[-1]
+    q = F.one_hot(targets, classes).to(log_p.dtype) * (1.0 - label_smoothing) + label_smoothing / classes
+    weight = (1.0 - log_p.exp()).clamp(min=0.0).pow(gamma) if gamma else 1.0
+    return -(q * weight * log_p).sum(dim=-1).mean()
 
 
 def saliency_mil_loss(saliency_logits: torch.Tensor, grades: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -52,7 +85,8 @@ def grader_loss(outputs: dict[str, torch.Tensor], grades: torch.Tensor, weights:
                 lesion_targets: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     parts = {
         "coral": coral_loss(outputs["ordinal_logits"].float(), grades),
-        "prototype": F.cross_entropy(outputs["prototype_logits"].float(), grades, label_smoothing=0.05),
+        "prototype": focal_loss(outputs["prototype_logits"].float(), grades, weights.focal_gamma,
+                                weights.label_smoothing),
         "saliency": saliency_mil_loss(outputs["saliency_logits"].float(), grades, weights.saliency_top_k),
     }
     if lesion_targets is not None and "lesion_logits" in outputs:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -20,9 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeretina.errors import ConfigError
-from edgeretina.grades import LESION_CODES, NUM_GRADES, grade_texts, lesion_texts
+from edgeretina.grades import LESION_CODES, NUM_GRADES
 from edgeretina.training.backbone import BackboneConfig
 from edgeretina.training.factory import build_backbone
+from edgeretina.training.prompts import load_prompts, orthonormal_prototypes
 
 OUTPUT_NAMES = ("ordinal_logits", "prototype_logits", "embedding", "saliency")
 LESION_OUTPUT = "lesion_logits"
@@ -51,25 +53,36 @@ class ModelConfig:
 
 
 class GraderModel(nn.Module):
-    def __init__(self, config: ModelConfig, *, for_checkpoint: bool = False):
+    def __init__(self, config: ModelConfig, *, for_checkpoint: bool = False,
+                 prompts_file: str | os.PathLike | None = None):
         """Build the backbone (pretrained weights if configured) and embed the grade and lesion texts.
 
+        prompts_file: the grade and lesion descriptions (training/prompts.py; None: the packaged
+        prompts.json); each prototype is the normalised mean of its descriptions' embeddings. A tower
+        without a text tower (``timm/`` names) cannot have text prototypes: its prototypes are learnable
+        parameters from a random orthonormal start (torch's global RNG, seeded by the trainer).
         for_checkpoint: the weights and prototypes will come from load_state_dict, so neither the
         pretrained weights nor the text tower are touched (nothing to download, nothing to encode).
+        Raises ConfigError for a bad prompts file, and what build_backbone raises.
         """
         super().__init__()
         self.config = config
-        texts = None if for_checkpoint else grade_texts() + lesion_texts()
+        texts = None if for_checkpoint else load_prompts(prompts_file).groups()
         backbone = replace(config.backbone, pretrained=None) if for_checkpoint else config.backbone
         build = build_backbone(backbone, texts)
         self.backbone = build.visual
         dim = self.backbone.embed_dim
         self.projection = _projection(dim, config.projection_hidden)
         prototypes = build.text_embeddings
-        if prototypes is None:
-            prototypes = torch.zeros(NUM_GRADES + len(LESION_CODES), dim)
-        self.register_buffer("grade_prototypes", prototypes[:NUM_GRADES].clone())
-        self.register_buffer("lesion_prototypes", prototypes[NUM_GRADES:].clone())
+        if not build.has_text_tower:  # no text tower, no text prototypes: learn them
+            prototypes = orthonormal_prototypes(NUM_GRADES + len(LESION_CODES), dim)
+            self.grade_prototypes = nn.Parameter(prototypes[:NUM_GRADES].clone())
+            self.lesion_prototypes = nn.Parameter(prototypes[NUM_GRADES:].clone())
+        else:
+            if prototypes is None:
+                prototypes = torch.zeros(NUM_GRADES + len(LESION_CODES), dim)
+            self.register_buffer("grade_prototypes", prototypes[:NUM_GRADES].clone())
+            self.register_buffer("lesion_prototypes", prototypes[NUM_GRADES:].clone())
         self.logit_scale = nn.Parameter(torch.tensor(math.log(config.init_logit_scale)))
         # CORAL: shared weights, one bias per cumulative task, initialised in descending order.
         self.coral_weight = nn.Linear(dim, 1, bias=False)
@@ -87,7 +100,14 @@ class GraderModel(nn.Module):
         return OUTPUT_NAMES + ((LESION_OUTPUT,) if self.lesion_head is not None else ())
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        pooled, tokens = self.backbone(images)
+        return self.forward_heads(*self.forward_features(images))
+
+    def forward_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The backbone alone: (pooled [B, D], tokens [B, h*w, D]); what the frozen-backbone cache keeps."""
+        return self.backbone(images)
+
+    def forward_heads(self, pooled: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every output from the backbone's (pooled, tokens); forward = forward_heads(*forward_features)."""
         z = self.projection(pooled)
         embedding = F.normalize(z, dim=-1)
         patches = F.normalize(self.projection(tokens), dim=-1)              # [B, N, D]
