@@ -50,7 +50,7 @@ def tiny_checkpoint(phantom_train, tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt") / "checkpoint.pt"
     # lr 1e-4: at 1e-3 the tiny ViT's embeddings collapse (mean pairwise cosine 0.997, top-10 neighbours
     # 6e-6 apart: ties any change of float kernels reorders); at 1e-4 they keep their spread (0.969, 2e-4)
-    config = TrainConfig(labels=phantom_train, out=out, epochs=2, batch_size=16, val_fraction=0.2, lr=1e-4,
+    config = TrainConfig(data=phantom_train, out=out, epochs=2, batch_size=16, val_fraction=0.2, lr=1e-4,
                          model=ModelConfig(backbone=BackboneConfig(image_size=64)), workers=1)
     return train(config, log=lambda _: None, show_progress=False)
 
@@ -63,7 +63,7 @@ def tiny_rn_checkpoint(phantom_train, tmp_path_factory):
     from edgeretina.training.model import ModelConfig
 
     out = tmp_path_factory.mktemp("rn") / "checkpoint.pt"
-    config = TrainConfig(labels=phantom_train, out=out, epochs=1, batch_size=16, val_fraction=0.2, workers=1,
+    config = TrainConfig(data=phantom_train, out=out, epochs=1, batch_size=16, val_fraction=0.2, workers=1,
                          model=ModelConfig(backbone=BackboneConfig(name="edgeretina-tiny-rn", image_size=64)))
     return train(config, log=lambda _: None, show_progress=False).checkpoint
 
@@ -75,6 +75,14 @@ def onnx_bundle(tiny_checkpoint, phantom_test, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundles") / "tiny-onnx"
     return export(ExportConfig(checkpoint=tiny_checkpoint.checkpoint, out=out, reference_images=phantom_test,
                                reference_count=8), log=lambda _: None)
+
+
+@pytest.fixture
+def cli():
+    """Run `edgeretina ARGS...` in this process: (exit code, stdout, stderr) (tests/_cli.py)."""
+    from _cli import run_cli
+
+    return run_cli
 
 
 @pytest.fixture

@@ -52,3 +52,6 @@ Backend = choice_enum("Backend", BACKENDS)
 EnginePrecision = choice_enum("EnginePrecision", TARGET_PRECISIONS["jetson"])
 ComputeThreadsOption = Annotated[Optional[int], typer.Option(
     "--threads", min=1, help="CPU threads for training and the held-out grading (default: all cores).")]
+DataOption = Annotated[list[str], typer.Option(
+    "--data", "-d", help="Dataset as FORMAT:PATH (aptos, eyepacs, ddr, idrid, messidor2, deepdrid, phantom, dicom, csv); "
+                         "repeat to merge corpora.")]

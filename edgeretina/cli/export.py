@@ -26,6 +26,7 @@ def export(
     prune: Annotated[bool, typer.Option("--prune", help="Structured pruning with a short recovery distillation, gated against the unpruned model.")] = False,
     bank_dtype: Annotated[BankDtype, typer.Option("--bank-dtype", help="Feature bank on disk: int8 (+ per-row scale) is half the bytes of float16.")] = BankDtype("float16"),
     knn_k: Annotated[int, typer.Option("--knn-k", min=1, help="Nearest training cases returned per image.")] = 5,
+    bank_data: Annotated[Optional[list[str]], typer.Option("--bank-data", help="FORMAT:PATH (repeatable): re-embed the feature bank from these images with the exported (e.g. pruned) model.")] = None,
     int8_weight_bits: Annotated[int, typer.Option("--int8-weight-bits", min=7, max=8, help="cpu/openvino INT8 weights: 7 = the same results on every x86 CPU class (default); 8 = only for devices with VNNI/AMX/Arm dot products.")] = 7,
     trt_version: Annotated[str, typer.Option("--trt-version", help="jetson target: TensorRT on the device (8.5 = JetPack 5, 8.6, 10 = JetPack 6).")] = "10",
 ) -> None:
@@ -36,6 +37,7 @@ def export(
                           reference_images=reference, reference_count=reference_count, calibration_images=calibration,
                           calibration_count=calibration_count, gate=gate.value, opset=opset, overwrite=overwrite,
                           zip=as_zip, trt_version=trt_version, prune=prune, bank_dtype=bank_dtype.value, knn_k=knn_k,
+                          bank_data=tuple(bank_data or ()),
                           int8_weight_bits=int8_weight_bits)
     path = run_export(config, log=lambda line: typer.echo(line, err=True))
     typer.echo(str(path))

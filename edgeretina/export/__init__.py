@@ -29,7 +29,7 @@ def export(config: ExportConfig, log: Callable[[str], None] = print) -> Path:
     Nothing is left at `config.out` unless every step (the gate included) succeeded. Returns the bundle path.
     Raises ExportError (GateError when the artifact disagrees with torch).
     """
-    steps = target_steps(config.target, prune=config.prune)
+    steps = target_steps(config.target, prune=config.prune, rebuild_bank=bool(config.bank_data))
     check_precision(config.target, config.precision)
     out = Path(config.out)
     if out.exists() and not config.overwrite:

@@ -20,6 +20,19 @@ from edgeretina.fidelity import knn_overlap
 BANK_FILE = "bank.npz"
 
 
+def rebuild_bank(ctx: ExportContext) -> None:
+    """--bank-data: the feature bank re-embedded from those images with the model being exported (after
+    --prune, the pruned one), replacing the checkpoint's, before any gate compares neighbours."""
+    import dataclasses
+
+    from edgeretina.training.checkpoint_tools import bank_from_data
+
+    bank, info = bank_from_data(ctx.checkpoint, ctx.config.bank_data, log=ctx.log)
+    ctx.checkpoint = dataclasses.replace(ctx.checkpoint, bank=bank)
+    ctx.export_info["bank_rebuilt"] = info
+    ctx.log(f"feature bank rebuilt from {', '.join(ctx.config.bank_data)}: {info['count']} cases")
+
+
 def write_bank(ctx: ExportContext) -> None:
     bank = ctx.checkpoint.bank
     if bank is None:

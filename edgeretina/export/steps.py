@@ -37,6 +37,7 @@ class ExportConfig:
     prune: bool = False                     # structured pruning + recovery distillation before export
     bank_dtype: str = "float16"             # feature bank on disk: float16, or int8 + per-row scale (half the bytes)
     knn_k: int = 5                          # nearest cases the runtime returns per image
+    bank_data: tuple[str, ...] = ()         # FORMAT:PATH specs to re-embed the feature bank from (edgeretina/layouts)
     # cpu/openvino INT8 weights: 7 bits give the same integers on every x86 class (edgeretina.cpu.int8_validity);
     # 8 bits are valid only where u8 x s8 sums do not saturate (VNNI, AMX, Arm). TensorRT (jetson) is unaffected.
     int8_weight_bits: int = 7

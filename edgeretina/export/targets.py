@@ -40,13 +40,17 @@ def check_precision(target: str, precision: str | None) -> None:
         raise ConfigError(f"the {target} target makes {' or '.join(allowed)}, not {precision!r}")
 
 
-def target_steps(name: str, prune: bool = False) -> list[Step]:
+def target_steps(name: str, prune: bool = False, rebuild_bank: bool = False) -> list[Step]:
     """The target's steps; with prune, structured pruning + recovery runs on the torch model right after
-    the reference is taken (its fidelity to the unpruned model is gated as `pruned`)."""
+    the reference is taken (its fidelity to the unpruned model is gated as `pruned`); with rebuild_bank,
+    the feature bank is re-embedded with the (pruned) model next."""
     if name not in TARGETS:
         raise ConfigError(f"unknown export target {name!r} (choose {', '.join(TARGETS)})")
     steps = list(TARGETS[name])
     if prune:
         from edgeretina.export.prune import prune_model
         steps.insert(steps.index(load_reference) + 1, prune_model)
+    if rebuild_bank:
+        from edgeretina.export.bank import rebuild_bank as rebuild
+        steps.insert(steps.index(load_reference) + 1 + int(prune), rebuild)
     return steps

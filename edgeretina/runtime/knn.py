@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeretina.errors import BundleError
+from edgeretina.grades import NUM_GRADES
 from edgeretina.runtime.knn_scorers import BankRows, Int8PrefilterScorer, NumpyScorer
 
 SCORERS = ("auto", "numpy")
@@ -78,10 +79,17 @@ class FeatureBank:
 
     def vote(self, neighbors: list[Neighbor]) -> int:
         """Similarity-weighted majority grade of the neighbours (an optional second opinion)."""
-        weights = np.zeros(int(self.grades.max()) + 1)
-        for n in neighbors:
-            weights[n.grade] += max(n.similarity, 0.0)
-        return int(np.argmax(weights))
+        return int(np.argmax(vote_distribution(neighbors)))
+
+
+def vote_distribution(neighbors: list[Neighbor], num_grades: int = NUM_GRADES) -> np.ndarray:
+    """The neighbours' similarity-weighted share of each grade ([num_grades], sums to 1; uniform when
+    no neighbour is similar at all): the KNN mode's grade probabilities."""
+    weights = np.zeros(num_grades)
+    for n in neighbors:
+        weights[n.grade] += max(n.similarity, 0.0)
+    total = weights.sum()
+    return weights / total if total > 0 else np.full(num_grades, 1.0 / num_grades)
 
 
 def _make_scorer(embeddings: np.ndarray, scales: np.ndarray | None, offset: np.ndarray | None,
