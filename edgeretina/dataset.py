@@ -3,7 +3,8 @@
 A row's image is a photograph or a DICOM file; a multi-frame DICOM needs the optional ``frame`` column
 (1-based) to say which frame the grade is for. The optional ``patient`` column groups the images of one
 person (a validation split keeps them on one side) and ``source`` names the corpus or camera a row comes
-from; every other column is kept in ``LabeledImage.extra``.
+from; every other column is kept in ``LabeledImage.extra``. The names of these six columns compare as
+the layouts' tables compare them (case, padding and "_"/" " aside: "Path", " grade ", "Case ID").
 
 Two readers share one row parser: ``read_labels`` raises at the first bad row (a labels.csv a tool wrote
 should have none), ``scan_labels`` skips bad rows and says why (for corpora assembled by hand, see
@@ -99,14 +100,16 @@ def _with_source(item: LabeledImage, source: str) -> LabeledImage:
 
 
 def _rows(csv_path: Path):
-    """(line number, row) of every row; DatasetError for a missing, non-UTF-8 or column-less file."""
+    """(line number, row) of every row, the known columns' names normalised (`_field_names`); DatasetError for
+    a missing or non-UTF-8 file, one without path and grade columns, or one naming a field twice."""
     if not csv_path.is_file():
         raise DatasetError(f"labels file not found: {csv_path}")
     try:
         # utf-8-sig: a spreadsheet's byte-order mark must not become part of the first column's name
         with open(csv_path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
-            missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+            reader.fieldnames = _field_names(csv_path, reader.fieldnames or [])
+            missing = [c for c in REQUIRED_COLUMNS if c not in reader.fieldnames]
             if missing:
                 raise DatasetError(f"{csv_path}: missing column(s) {', '.join(missing)}")
             rows = list(enumerate(reader, start=2))
@@ -114,6 +117,26 @@ def _rows(csv_path: Path):
         raise DatasetError(f"{csv_path} is not UTF-8 text ({exc.reason} at byte {exc.start}): "
                            "save it as UTF-8") from None
     return rows
+
+
+def column_key(name: str) -> str:
+    """How column names compare: case, padding and "_" versus " " aside ("Case ID" is case_id)."""
+    return " ".join(name.replace("_", " ").split()).lower()
+
+
+_FIELD_BY_KEY = {column_key(c): c for c in FIELD_COLUMNS}
+
+
+def _field_names(csv_path: Path, header: list[str]) -> list[str]:
+    """The header with the columns LabeledImage holds in their canonical spelling ("Path " -> path); other
+    columns as they are. DatasetError when two columns name the same field."""
+    names = [_FIELD_BY_KEY.get(column_key(name), name) for name in header]
+    for field_name in FIELD_COLUMNS:
+        spellings = [h for h, n in zip(header, names) if n == field_name]
+        if len(spellings) > 1:
+            raise DatasetError(f"{csv_path}: columns {', '.join(map(repr, spellings))} all name {field_name}: "
+                               "keep one")
+    return names
 
 
 def _parse_row(csv_path: Path, line: int, row: dict[str, str], check_files: bool) -> LabeledImage:

@@ -267,6 +267,26 @@ def test_dicom_folder_graded_by_uid(phantom, tmp_path):
     report = str(data.summary.to_dict()) + "\n".join(data.summary.lines())
     assert fx.PATIENT["PatientID"] not in report + "".join(str(i.patient) for i in data.items)
     assert len(load_data([f"dicom:{root / 'grades.csv'}"]).items) == 3
+    # the stereo file's frames: one with the file's patient (also the first file's), one with P-7: one group
+    with pytest.raises(DatasetError, match=r"3 image\(s\) in 1 patient/image group"):
+        split_items(data.items, 0.34, 0)
+
+
+def test_dicom_multi_frame_file_without_a_frame_is_skipped(phantom, tmp_path):
+    fx = pytest.importorskip("_dicom_fixtures")
+    photos = [cv2.cvtColor(cv2.imread(str(i.path)), cv2.COLOR_BGR2RGB) for i in phantom["items"][:3]]
+    root = tmp_path / "pacs"
+    single, stereo = fx.image_dataset([photos[0]]), fx.image_dataset(photos[1:3])
+    fx.save(single, root / "IM0001.dcm")
+    fx.save(stereo, root / "IM0002.dcm")
+    _write_csv(root / "grades.csv", ["sop_instance_uid", "grade", "frame"],
+               [[single.SOPInstanceUID, 2, ""], [stereo.SOPInstanceUID, 3, ""], [stereo.SOPInstanceUID, 1, 2]])
+    data = load_data([f"dicom:{root}"])
+    assert [(i.grade, i.frame) for i in data.items] == [(2, None), (1, 2)]
+    assert _reasons(data) == {"multi-frame DICOM without a frame": 1}
+    (skipped,) = data.summary.skipped
+    assert skipped.where == f"{root / 'grades.csv'}:3" and "2 frames: the grades CSV must give the frame" in skipped.detail
+    assert "1 multi-frame DICOM without a frame" in data.summary.lines()[0]
 
 
 # ---------------------------------------------------------------------------------------------- merging
@@ -314,6 +334,26 @@ def test_all_images_missing_is_obvious(phantom, tmp_path):
     assert data.items == [] and data.summary.lines()[0].endswith(str(root.resolve() / "train_images" / "abc0.png"))
     trusted = load_data([f"aptos:{root}"], check_files=False)             # no listing, no existence check
     assert len(trusted.items) == 40 and trusted.items[1].path == root.resolve() / "train_images" / "abc1.png"
+
+
+@pytest.mark.parametrize("fmt", ["csv", "phantom"])
+@pytest.mark.parametrize("header", ["Path,Grade,Patient,Source,Case_ID", " path , grade , PATIENT,source , case id"])
+def test_csv_headers_in_other_spellings_load(phantom, tmp_path, fmt, header):
+    """What the column check accepts the reader reads: the known columns compare case- and space-insensitively;
+    other columns keep their spelling."""
+    rows = [[str(i.path), i.grade, f"p{n}", "clinic", f"c{n}", "x"] for n, i in enumerate(phantom["items"][:4])]
+    _write_csv(tmp_path / "labels.csv", [], rows, text_header=header + ", Note ")
+    data = load_data([f"{fmt}:{tmp_path}"])
+    assert [i.grade for i in data.items] == phantom["grades"][:4]
+    assert [(i.patient, i.source, i.case_id) for i in data.items] == [(f"p{n}", "clinic", f"c{n}") for n in range(4)]
+    assert data.items[0].extra == {" Note ": "x"}
+    assert read_labels(tmp_path / "labels.csv")[3].case_id == "c3"
+
+
+def test_csv_naming_a_column_twice_is_a_dataset_error(tmp_path):
+    _write_csv(tmp_path / "labels.csv", ["path", "grade", "Grade"], [["a.jpg", 1, 2]])
+    with pytest.raises(DatasetError, match=r"labels\.csv: columns 'grade', 'Grade' all name grade"):
+        load_data([f"csv:{tmp_path}"])
 
 
 @pytest.mark.parametrize("fmt, make, message", [
@@ -377,16 +417,26 @@ def _corpus(n: int, *, sources=("a",), patients_per: int = 1, seed: int = 0, wei
     return items
 
 
+def _linked_groups(items: list[LabeledImage]) -> list[set]:
+    """The items' groups by merging every two that share a patient or a file until none do."""
+    groups: list[set] = []
+    for item in items:
+        keys = {("f", str(item.path))} | ({("p", item.patient)} if item.patient else set())
+        touching = [g for g in groups if g & keys]
+        groups = [g for g in groups if not g & keys] + [keys.union(*touching)]
+    return groups
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=st.lists(st.tuples(st.integers(0, 4), st.integers(0, 11), st.sampled_from(["aptos", "ddr", "dicom"]),
-                               st.booleans(), st.integers(1, 2)), min_size=2, max_size=60),
+                               st.booleans(), st.integers(1, 2), st.integers(0, 29)), min_size=2, max_size=60),
        fraction=st.floats(0.05, 0.6), seed=st.integers(0, 2**32 - 1))
-def test_split_never_puts_a_patient_on_both_sides(spec, fraction, seed):
-    items = [LabeledImage(Path(f"/x/{k % 50}.dcm"), str(k), grade, frame=frame, source=source,
+def test_split_never_puts_a_patient_or_a_file_on_both_sides(spec, fraction, seed):
+    """Files are shared by several items (frames), with the same patient, another one or none."""
+    items = [LabeledImage(Path(f"/x/{file}.dcm"), str(k), grade, frame=frame, source=source,
                           patient=f"p{patient}" if has_patient else None)
-             for k, (grade, patient, source, has_patient, frame) in enumerate(spec)]
-    groups = {(("p", i.patient) if i.patient else ("f", str(i.path))) for i in items}
-    if len(groups) < 2 or math.floor(fraction * len(items) + 0.5) == 0:
+             for k, (grade, patient, source, has_patient, frame, file) in enumerate(spec)]
+    if len(_linked_groups(items)) < 2 or math.floor(fraction * len(items) + 0.5) == 0:
         with pytest.raises(DatasetError):
             split_items(items, fraction, seed)
         return
@@ -397,7 +447,7 @@ def test_split_never_puts_a_patient_on_both_sides(spec, fraction, seed):
         return
     assert val and train and sorted(map(id, train + val)) == sorted(map(id, items))
     assert not {i.patient for i in train if i.patient} & {i.patient for i in val if i.patient}
-    assert not {i.path for i in train if not i.patient} & {i.path for i in val if not i.patient}
+    assert not {i.path for i in train} & {i.path for i in val}       # every item's file, with a patient or not
     shuffled = items[::-1]
     assert {id(i) for i in split_items(shuffled, fraction, seed)[1]} == {id(i) for i in val}   # order-free
     assert split_items(items, fraction, seed) == (train, val)                                  # deterministic
@@ -443,6 +493,23 @@ def test_split_frames_of_one_file_stay_together():
     items = [LabeledImage(Path(f"/s/{k // 2}.dcm"), str(k), k % 5, frame=1 + k % 2) for k in range(40)]
     train, val = split_items(items, 0.25, 1)
     assert not {i.path for i in train} & {i.path for i in val}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_split_frames_of_one_file_stay_together_whatever_their_patients(seed):
+    """Frame 1 of each file names a patient, frame 2 another one or none; patient q{k} also has a photograph:
+    file, both patients and the photograph are one group."""
+    items = []
+    for k in range(20):
+        dcm = Path(f"/s/{k}.dcm")
+        items += [LabeledImage(dcm, f"{k}#1", k % 5, frame=1, patient=f"p{k}"),
+                  LabeledImage(dcm, f"{k}#2", k % 5, frame=2, patient=f"q{k}" if k % 2 else None),
+                  LabeledImage(Path(f"/s/{k}.png"), f"{k}.png", k % 5, patient=f"q{k}" if k % 2 else f"p{k}")]
+    train, val = split_items(items, 0.25, seed)
+    for k in range(20):
+        assert len({side for side, part in (("t", train), ("v", val)) for i in part
+                    if i.case_id.split("#")[0].split(".")[0] == str(k)}) == 1, k
+    assert len(val) % 3 == 0 and abs(len(val) - 15) <= 3
 
 
 @pytest.mark.parametrize("fraction", [0, 1, -0.1, 1.5, True, "0.2"])

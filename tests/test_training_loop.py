@@ -339,3 +339,91 @@ def test_cached_and_uncached_frozen_backbone_training_agree(phantom40, tmp_path)
     assert not torch.equal(start["coral_weight.weight"], cached_after["coral_weight.weight"])
     # the checkpoint keeps its bank in float16: embeddings 1e-6 apart may round one float16 step apart
     assert np.allclose(cached.bank.embeddings, direct.bank.embeddings, rtol=2 ** -10, atol=2 ** -24)
+
+
+# ------------------------------------------------------------------ freezing timm/ towers (timm models used directly)
+
+@pytest.fixture(scope="module")
+def timm_towers():
+    from edgeretina.training.factory import build_backbone
+
+    torch.manual_seed(0)
+    return {name: build_backbone(BackboneConfig(name=f"timm/{name}", image_size=64)).visual
+            for name in ("test_vit", "test_resnet")}
+
+
+def _trainable_names(backbone) -> set[str]:
+    return {name for name, p in backbone.visual.named_parameters() if p.requires_grad}
+
+
+def _top_level(names) -> set[str]:
+    return {name.split(".")[0] for name in names}
+
+
+@pytest.mark.parametrize("name", ["test_vit", "test_resnet"])
+def test_a_timm_tower_frozen_whole_trains_nothing_and_stays_in_eval(timm_towers, name):
+    from edgeretina.training.freezing import freeze_backbone, keep_frozen_in_eval
+
+    backbone = timm_towers[name]
+    try:
+        plan = freeze_backbone(backbone, 0)
+        assert plan.backbone_frozen and plan.total_blocks == _BLOCKS[name] and _trainable_names(backbone) == set()
+        backbone.train()
+        keep_frozen_in_eval(plan)
+        assert not any(m.training for m in backbone.visual.modules())
+    finally:
+        freeze_backbone(backbone, None)
+        backbone.train()
+
+
+# the trained parts with trainable_blocks=1: the last block and the parameters after it
+_LAST_BLOCK_AND_HEAD = {"test_vit": ({"blocks.5", "norm", "fc_norm", "head"}, {"patch_embed", "cls_token", "pos_embed"}),
+                        "test_resnet": ({"layer4", "fc"}, {"conv1", "bn1", "layer1", "layer3"})}
+_BLOCKS = {"test_vit": 6, "test_resnet": 4}
+
+
+@pytest.mark.parametrize("name", ["test_vit", "test_resnet"])
+def test_a_timm_tower_trains_its_last_block_and_head_and_keeps_the_rest_in_eval(timm_towers, name):
+    from edgeretina.training.freezing import freeze_backbone, keep_frozen_in_eval
+
+    backbone = timm_towers[name]
+    tower = backbone.visual
+    trained_prefixes, frozen_parts = _LAST_BLOCK_AND_HEAD[name]
+    try:
+        plan = freeze_backbone(backbone, 1)
+        trainable = _trainable_names(backbone)
+        assert trainable and 0 < plan.trainable_backbone_parameters < plan.backbone_parameters
+        expected = {n for n, _ in tower.named_parameters() if n.startswith(tuple(p + "." for p in trained_prefixes))
+                    or n in trained_prefixes}
+        assert trainable == expected
+        assert not frozen_parts & _top_level(trainable)
+        backbone.train()
+        keep_frozen_in_eval(plan)
+        last_block = tower.blocks[-1] if name == "test_vit" else tower.layer4
+        assert last_block.training and all(m.training for m in last_block.modules())
+        for part in frozen_parts - {"cls_token", "pos_embed"}:
+            assert not any(m.training for m in getattr(tower, part).modules()), part
+        assert freeze_backbone(backbone, _BLOCKS[name]).fine_tunes_everything
+    finally:
+        freeze_backbone(backbone, None)
+        backbone.train()
+
+
+def test_towers_of_unknown_blocks_freeze_whole_and_are_named_by_module_when_refused():
+    from types import SimpleNamespace
+
+    from edgeretina.training.freezing import freeze_backbone
+
+    backbone = SimpleNamespace(visual=torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)))
+    assert freeze_backbone(backbone, 0).backbone_frozen
+    with pytest.raises(ConfigError, match=r"torch\.nn\.modules\.container\.Sequential tower"):
+        freeze_backbone(backbone, 1)
+
+
+def test_structured_pruning_names_a_timm_vision_transformer_by_module(timm_towers):
+    from types import SimpleNamespace
+
+    from edgeretina.training.prune import ChannelPruning, prune_structure
+
+    with pytest.raises(ConfigError, match=r"not timm\.models\.vision_transformer\.VisionTransformer"):
+        prune_structure(SimpleNamespace(backbone=timm_towers["test_vit"]), ChannelPruning(mlp_ratio=0.5))

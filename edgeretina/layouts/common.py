@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgeretina.dataset import IMAGE_SUFFIXES, LabeledImage, Skipped
+from edgeretina.dataset import IMAGE_SUFFIXES, LabeledImage, Skipped, column_key
 from edgeretina.errors import DatasetError
 from edgeretina.grades import NUM_GRADES
 
@@ -46,15 +46,11 @@ class Table:
 
     def column(self, name: str) -> str | None:
         """The table's spelling of column `name`, compared case- and space-insensitively."""
-        wanted = _normal(name)
-        return next((c for c in self.columns if _normal(c) == wanted), None)
+        wanted = column_key(name)
+        return next((c for c in self.columns if column_key(c) == wanted), None)
 
     def first_column(self, *names: str) -> str | None:
         return next((c for c in map(self.column, names) if c is not None), None)
-
-
-def _normal(name: str) -> str:
-    return " ".join(name.replace("_", " ").split()).lower()
 
 
 def read_table(path: Path) -> Table:

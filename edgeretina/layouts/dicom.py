@@ -12,7 +12,8 @@ item.path = the DICOM file, item.frame = the CSV's frame (1-based, for multi-fra
 patient column, else a pseudonym of the file's PatientID ("dicom-" + 16 hex digits of its SHA-256): the
 split needs to know which images belong together, not who the person is.
 Skipped and counted: a CSV row whose UID has no file, a file whose UID has no row, a frame beyond the
-file's NumberOfFrames, two files with one UID, and files with a .dcm suffix (or none) that pydicom
+file's NumberOfFrames, a row of a multi-frame file without a frame (which image would the grade be
+for?), two files with one UID, and files with a .dcm suffix (or none) that pydicom
 cannot read. pydicom is the ``dicom`` extra, imported here only.
 """
 
@@ -32,6 +33,7 @@ GRADE_FILES = ("grades.csv", "labels.csv")
 NOT_DICOM_SUFFIXES = frozenset({".csv", ".txt", ".json", ".md", ".xml", ".html", ".pdf",
                                 ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".zip"})
 HEADER_TAGS = ["SOPInstanceUID", "PatientID", "Manufacturer", "ManufacturerModelName", "NumberOfFrames"]
+MULTI_FRAME_WITHOUT_FRAME = "multi-frame DICOM without a frame"
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,11 @@ def _frame(result: ReadResult, where: str, table: Table, row: dict[str, str], he
     column = table.column("frame")
     text = row[column] if column else ""
     if not text:
+        if header.frames > 1:
+            result.skip(where, MULTI_FRAME_WITHOUT_FRAME,
+                        f"{header.path} has {header.frames} frames: the grades CSV must give the frame "
+                        f"(a frame column, 1..{header.frames}), one row per graded frame")
+            return False
         return None
     try:
         frame = int(text)

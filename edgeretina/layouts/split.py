@@ -1,8 +1,8 @@
 """A validation split that keeps patients whole, follows the grades and takes from every source.
 
-Groups: the images of one patient (item.patient; ids compare as text across all sources, so a clash
-between unrelated corpora only makes a group larger, never leaks a person across the split), else the
-frames of one file, else one image. Strata: a group's source (its most common one) and its worst grade
+Groups: images that share a patient (item.patient; ids compare as text across all sources, so a clash
+between unrelated corpora only makes a group larger, never leaks a person across the split) or a file
+(the frames of one DICOM file), transitively; an image with neither in common is a group of its own. Strata: a group's source (its most common one) and its worst grade
 (the patient-level grade of DR screening). Quotas: round(val_fraction x images) is apportioned to the
 sources by largest remainder, then each source's share to its grades the same way, so every source gives
 ~val_fraction of its images and every grade ~val_fraction of its images, within one image per stratum
@@ -65,17 +65,33 @@ def split_items(items: Sequence[LabeledImage], val_fraction: float,
             [item for i, item in enumerate(items) if i in chosen])
 
 
-def _group_key(item: LabeledImage) -> tuple[str, str]:
+def _group_keys(item: LabeledImage) -> list[tuple[str, str]]:
+    keys = [("file", str(item.path))]        # the frames of one DICOM file are one eye
     if item.patient:
-        return ("patient", item.patient)
-    return ("file", str(item.path))          # the frames of one DICOM file are one eye
+        keys.append(("patient", item.patient))
+    return keys
 
 
 def _groups(items: list[LabeledImage]) -> list[Group]:
-    by_key: dict[tuple[str, str], Group] = {}
+    """Connected components of "shares a patient or a file" (union-find), ordered by their smallest key:
+    two frames of one file stay together even when the grades CSV names a patient for one of them only."""
+    parent = list(range(len(items)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_with: dict[tuple[str, str], int] = {}
     for i, item in enumerate(items):
-        by_key.setdefault(_group_key(item), []).append(i)
-    return [by_key[key] for key in sorted(by_key)]
+        for key in _group_keys(item):
+            parent[root(i)] = root(first_with.setdefault(key, i))
+    members: dict[int, Group] = {}
+    for i in range(len(items)):
+        members.setdefault(root(i), []).append(i)
+    smallest = {r: min(key for i in group for key in _group_keys(items[i])) for r, group in members.items()}
+    return [members[r] for r in sorted(members, key=smallest.__getitem__)]
 
 
 def _strata(items: list[LabeledImage], groups: list[Group]) -> dict[tuple[str, int], list[Group]]:

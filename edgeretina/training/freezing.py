@@ -11,7 +11,11 @@ The ordered blocks of each tower kind:
 - open_clip VisionTransformer: `transformer.resblocks`;
 - open_clip ModifiedResNet: `layer1` .. `layer4`;
 - open_clip TimmModel: the timm trunk's `blocks`, `stages`, `layers` or `layer1`..`layerN`; the trunk's
-  children before that container are the stem, those after it (and the tower's `head`) the head.
+  children before that container are the stem, those after it (and the tower's `head`) the head;
+- a timm model used directly (a `timm/<name>` backbone): the same split of the model itself — the stem is
+  the patch or convolutional embedding with the class/position/register tokens, the head the norms,
+  pooling and head after the blocks.
+N = 0 freezes any tower, whether its blocks are known or not.
 
 Frozen modules are kept in eval mode while training (`keep_frozen_in_eval` after every `model.train()`):
 BatchNorm statistics do not drift and dropout does not perturb what the frozen layers compute, so a
@@ -29,6 +33,7 @@ from open_clip.transformer import VisionTransformer
 from torch import nn
 
 from edgeretina.errors import ConfigError
+from edgeretina.training.towers import is_timm_model
 
 _TIMM_BLOCK_CONTAINERS = ("blocks", "stages", "layers")
 
@@ -74,7 +79,8 @@ class FreezePlan:
 
 
 def tower_parts(tower: nn.Module) -> TowerParts:
-    """The stem, ordered blocks and head of an open_clip image tower; ConfigError for other towers."""
+    """The stem, ordered blocks and head of an open_clip image tower or a timm model; ConfigError for other
+    towers and for timm models without a known block container."""
     if isinstance(tower, VisionTransformer):
         stem = [tower.conv1, tower.ln_pre, tower.class_embedding, tower.positional_embedding]
         head = [m for m in (tower.attn_pool, tower.ln_post, tower.proj) if m is not None]
@@ -87,8 +93,16 @@ def tower_parts(tower: nn.Module) -> TowerParts:
         parts = _timm_trunk_parts(tower.trunk)
         parts.head.append(tower.head)
         return parts
-    raise ConfigError(f"cannot freeze blocks of a {type(tower).__name__} tower: supported are VisionTransformer, "
-                      "ModifiedResNet and TimmModel")
+    if is_timm_model(tower):
+        return _timm_trunk_parts(tower)
+    raise ConfigError(f"cannot freeze blocks of a {qualified_name(tower)} tower: supported are open_clip's "
+                      "VisionTransformer, ModifiedResNet and TimmModel, and timm models (timm/<name> backbones); "
+                      "trainable_blocks 0 (everything frozen) or None (nothing frozen) work for any tower")
+
+
+def qualified_name(module: nn.Module) -> str:
+    """module.Class of a tower, so that open_clip's and timm's VisionTransformer are told apart in messages."""
+    return f"{type(module).__module__}.{type(module).__qualname__}"
 
 
 def _timm_trunk_parts(trunk: nn.Module) -> TowerParts:
@@ -102,7 +116,7 @@ def _timm_trunk_parts(trunk: nn.Module) -> TowerParts:
     else:
         layers = [i for i, name in enumerate(names) if name.startswith("layer") and name[5:].isdigit()]
         if not layers:
-            raise ConfigError(f"timm trunk {type(trunk).__name__} has none of {list(_TIMM_BLOCK_CONTAINERS)} nor "
+            raise ConfigError(f"timm model {qualified_name(trunk)} has none of {list(_TIMM_BLOCK_CONTAINERS)} nor "
                               f"layer1..layerN (children: {names})")
         blocks = [children[i][1] for i in layers]
         first, last = layers[0], layers[-1]
@@ -112,7 +126,8 @@ def _timm_trunk_parts(trunk: nn.Module) -> TowerParts:
 
 def freeze_backbone(backbone: nn.Module, trainable_blocks: int | None) -> FreezePlan:
     """Set requires_grad on a VisionBackbone's tower for `trainable_blocks` (see the module docstring)
-    and return the plan. Raises ConfigError for a negative count or a tower whose blocks are unknown."""
+    and return the plan. Raises ConfigError for a negative count, or a positive one on a tower whose blocks
+    are unknown."""
     tower = backbone.visual
     all_params = list(tower.parameters())
     total = sum(p.numel() for p in all_params)
@@ -123,6 +138,10 @@ def freeze_backbone(backbone: nn.Module, trainable_blocks: int | None) -> Freeze
     if trainable_blocks < 0:
         raise ConfigError(f"trainable_blocks must be None (everything), 0 (frozen) or a positive count, "
                           f"got {trainable_blocks}")
+    if trainable_blocks == 0:  # needs no block list: any tower can be frozen whole
+        for p in all_params:
+            p.requires_grad_(False)
+        return FreezePlan(0, _block_count(tower), [tower], total, 0)
     parts = tower_parts(tower)
     if trainable_blocks >= len(parts.blocks):
         plan = freeze_backbone(backbone, None)
@@ -130,8 +149,6 @@ def freeze_backbone(backbone: nn.Module, trainable_blocks: int | None) -> Freeze
         return plan
     for p in all_params:
         p.requires_grad_(False)
-    if trainable_blocks == 0:
-        return FreezePlan(0, len(parts.blocks), [tower], total, 0)
     trained = parts.blocks[len(parts.blocks) - trainable_blocks:] + parts.head
     for part in trained:
         for p in _parameters(part):

@@ -31,6 +31,7 @@ from open_clip.transformer import VisionTransformer
 from torch import nn
 
 from edgeretina.errors import ConfigError
+from edgeretina.training.freezing import qualified_name
 
 # Channel counts stay multiples of 8: tensor cores and AMX tile by 8/16, and 2:4 groups need 4.
 CHANNEL_ALIGN = 8
@@ -72,8 +73,8 @@ def prune_structure(model: nn.Module, channels: ChannelPruning) -> dict:
     if isinstance(tower, ModifiedResNet):
         blocks = [m for m in tower.modules() if isinstance(m, Bottleneck)]
         return {"kind": "resnet-bottleneck", "blocks": [_prune_bottleneck(b, channels.conv_ratio) for b in blocks]}
-    raise ConfigError("structured pruning supports open_clip ViT and ModifiedResNet towers, "
-                      f"not {type(tower).__name__}")
+    raise ConfigError("structured pruning supports open_clip's VisionTransformer and ModifiedResNet towers, "
+                      f"not {qualified_name(tower)}")
 
 
 def kept_count(total: int, ratio: float) -> int:
