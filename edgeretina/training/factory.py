@@ -1,5 +1,6 @@
 """The backbone factory: open_clip architecture presets, timm models, pretrained weights, and building a
-VisionBackbone with the text embeddings of its own text tower (when it has one).
+VisionBackbone with the text embeddings of its own text tower (when it has one), and that text tower
+itself (build_text_encoder: what contrastive image-text training adapts, training/contrastive.py).
 
 Our presets are open_clip model configs (one JSON per architecture under training/model_configs,
 open_clip's own habit); a tiny test architecture is just another preset. A ``timm/<name>`` backbone is
@@ -67,7 +68,7 @@ def build_backbone(config: BackboneConfig, texts: TextGroups | None = None) -> B
         has_text_tower False (GraderModel then learns its prototypes).
 
     With ``pretrained=None`` the weights are random (seeding is the caller's business). The text tower
-    runs in eval mode under no_grad and is dropped afterwards; the returned tower keeps the train/eval
+    runs in eval mode under no_grad and is dropped afterwards (build_text_encoder gives it); the returned tower keeps the train/eval
     mode it was created in (train).
 
     Raises ConfigError for an unknown model name (listing close names), an unknown pretrained tag or
@@ -83,6 +84,35 @@ def build_backbone(config: BackboneConfig, texts: TextGroups | None = None) -> B
 
 
 def _build_open_clip(config: BackboneConfig, groups: list[tuple[str, ...]] | None) -> BackboneBuild:
+    model = _open_clip_model(config)
+    visual = VisionBackbone(model.visual)
+    text_embeddings = None
+    if groups is not None:
+        text_embeddings = TextEncoder(model, config.name).encode_groups(groups) if groups else torch.zeros(0, visual.embed_dim)
+    del model  # drop the text tower
+    return BackboneBuild(visual=visual, text_embeddings=text_embeddings)
+
+
+def build_text_encoder(config: BackboneConfig, seed: int | None = None) -> "TextEncoder":
+    """The open_clip text tower (and tokenizer) of ``config``'s model, with the same weights as the image tower
+    build_backbone makes from it: the pretrained tag's or file's, or, with ``pretrained=None``, the random
+    initialisation open_clip draws right after ``torch.manual_seed(seed)`` (what the trainer does before
+    building its GraderModel). The global RNG state is left as it was. The image tower is built too and dropped.
+
+    Raises ConfigError for a ``timm/`` tower (it has no text tower) and what build_backbone raises.
+    """
+    if config.name.startswith(TIMM_PREFIX):
+        raise ConfigError(f"{config.name!r} is a timm image tower without a text tower: contrastive image-text "
+                          "training needs an open_clip model (e.g. edgeretina-tiny-vit, ViT-B-16)")
+    if seed is None:
+        return TextEncoder(_open_clip_model(config), config.name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return TextEncoder(_open_clip_model(config), config.name)
+
+
+def _open_clip_model(config: BackboneConfig) -> nn.Module:
+    """The whole open_clip model (both towers) at the configured image size, with its weights."""
     register_presets()
     model_cfg = _model_config(config.name)
     tag, weights_file = _resolve_pretrained(config.name, config.pretrained)
@@ -100,10 +130,44 @@ def _build_open_clip(config: BackboneConfig, groups: list[tuple[str, ...]] | Non
         load_open_clip_weights(model, weights_file, config.name)
     if resize_resnet_after:
         _resize_attnpool(model.visual, config.image_size)
-    visual = VisionBackbone(model.visual)
-    text_embeddings = None if groups is None else _encode_texts(model, config.name, groups, visual.embed_dim)
-    del model  # drop the text tower
-    return BackboneBuild(visual=visual, text_embeddings=text_embeddings)
+    return model
+
+
+class TextEncoder(nn.Module):
+    """An open_clip model's text side (its image tower removed): ``forward(tokens) -> [B, D]`` L2-normalised
+    text embeddings in the joint space, ``tokenize(texts)``, and the model's own ``logit_scale`` (log of the
+    CLIP temperature's inverse), which contrastive training learns along with it."""
+
+    def __init__(self, clip_model: nn.Module, name: str):
+        super().__init__()
+        clip_model.visual = None        # the text side only; open_clip's encode_text never touches it
+        self.clip = clip_model
+        self.tokenizer = open_clip.get_tokenizer(name)
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        return self.clip.logit_scale
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_text(tokens, normalize=True)
+
+    def encode_groups(self, groups: list[tuple[str, ...]]) -> torch.Tensor:
+        """[len(groups), D] on the CPU, float32: per group, the normalised mean of its descriptions' normalised
+        embeddings (prompt ensembling). Runs in eval mode under no_grad; the train/eval mode is restored."""
+        flat = [text for group in groups for text in group]
+        device = next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                embeddings = self(self.tokenize(flat).to(device)).float().cpu()
+        finally:
+            self.train(was_training)
+        means = torch.stack([chunk.mean(dim=0) for chunk in embeddings.split([len(g) for g in groups])])
+        return F.normalize(means, dim=-1).contiguous()
 
 
 def _build_timm(config: BackboneConfig) -> BackboneBuild:
@@ -283,20 +347,3 @@ def _text_groups(texts: TextGroups | None) -> list[tuple[str, ...]] | None:
             raise ConfigError(f"texts[{i}] must be a string or a non-empty sequence of strings, got {item!r}")
         groups.append(group)
     return groups
-
-
-def _encode_texts(model: nn.Module, name: str, groups: list[tuple[str, ...]], dim: int) -> torch.Tensor:
-    """[len(groups), dim]: per group, the normalised mean of its descriptions' normalised embeddings."""
-    if not groups:
-        return torch.zeros(0, dim)
-    tokenizer = open_clip.get_tokenizer(name)
-    flat = [text for group in groups for text in group]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            embeddings = model.encode_text(tokenizer(flat), normalize=True).float()
-    finally:
-        model.train(was_training)
-    means = torch.stack([chunk.mean(dim=0) for chunk in embeddings.split([len(g) for g in groups])])
-    return F.normalize(means, dim=-1).contiguous()
