@@ -1,7 +1,9 @@
 """The International Clinical Diabetic Retinopathy (ICDR) scale and the text that describes it.
 
-The descriptions feed the text tower to build one prototype embedding per grade and per lesion
-(RetinaScan, TWLR); they are part of the model's definition, so changing them changes the model.
+Each grade and lesion carries one short description (what reports and cards show). The text prototypes
+of a model are built from the several clinical descriptions per grade and lesion in
+training/prompts.json (averaged embeddings, RetinaScan, TWLR); a checkpoint keeps the resulting
+prototypes, so editing that file changes newly trained models only.
 """
 
 from __future__ import annotations

@@ -143,3 +143,29 @@ def _has(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
+
+
+def test_training_report_measures_calibration_and_the_feature_cache(tmp_path, tiny_checkpoint, phantom_train):
+    """benchmarks/training_report.py on the session's tiny checkpoint: the 'after' numbers use the
+    checkpoint's own calibration, the 'before' ones the plain CORAL rule, and cached and uncached heads-only
+    training end with the same weights."""
+    from edgeretina.training.checkpoint import load_checkpoint
+
+    out = tmp_path / "training.json"
+    done = subprocess.run([sys.executable, str(SCRIPT.with_name("training_report.py")), str(out),
+                           "--checkpoint", str(tiny_checkpoint.checkpoint), "--data", f"phantom:{phantom_train.parent}",
+                           "--cache-images", "30", "--cache-size", "64", "--cache-epochs", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    calibration = result["calibration"]
+    assert calibration["grading"] == load_checkpoint(tiny_checkpoint.checkpoint).grading.to_dict()
+    assert calibration["n"] == 60
+    for side in ("before", "after"):
+        assert set(calibration[side]) == {"qwk", "ece_ordinal", "ece_prototype", "referable_sensitivity",
+                                          "referable_specificity"}
+        assert 0.0 <= calibration[side]["ece_ordinal"] <= 1.0
+    cache = result["feature_cache"]
+    assert cache["images"] == 30 and cache["cached"]["train_seconds"] > 0 and cache["uncached"]["train_seconds"] > 0
+    assert cache["max_weight_difference"] < 1e-4
+    assert result["machine"]["cpu"] and result["cpu_class"]

@@ -116,3 +116,41 @@ def test_class_probabilities_are_a_distribution():
     logits, _ = _ordinal_cases(50, seed=7, overconfidence=1.0)
     probs = class_probabilities(cumulative_probabilities(logits, GradingConfig()))
     assert np.allclose(probs.sum(axis=1), 1.0) and probs.min() >= 0
+
+
+def test_without_referable_cases_the_threshold_stays_and_the_report_says_why():
+    rng = np.random.default_rng(8)
+    logits = rng.normal(-2, 1, (40, 4))
+    grades = rng.integers(0, 2, 40)                     # grades 0 and 1 only
+    result = calibrate(logits, grades, base=GradingConfig(referable_threshold=0.4))
+    assert result.grading.referable_threshold == 0.4 and result.grading.target_sensitivity is None
+    assert "no referable case" in result.report["operating_point"]["skipped"]
+    assert result.report["referable_at_threshold"]["sensitivity"] is None
+
+
+def fit_thresholds_without_guard(logits, grades) -> float:
+    """The accuracy-maximising threshold of task "grade > 3" on its own (what the guard prevents)."""
+    grid = np.round(np.arange(-3.0, 3.0001, 0.1), 3)
+    accuracy = [np.mean((logits[:, 3] > t) == (grades > 3)) for t in grid]
+    return float(grid[int(np.argmax(accuracy))])
+
+
+def test_a_grade_missing_from_the_calibration_data_keeps_its_task_at_the_coral_rule():
+    logits, grades = _ordinal_cases(400, seed=9, overconfidence=1.0)
+    keep = grades < 4                                   # no grade 4 at all: task "grade > 3" has no positive
+    logits, grades = logits[keep], grades[keep]
+    logits[:, 3] += 2.0                                 # an over-eager grade-4 head: the fit would move it
+    assert fit_thresholds_without_guard(logits, grades) >= 1.0
+    result = calibrate(logits, grades, target_sensitivity=None)
+    assert result.grading.thresholds[3] == 0.0
+    assert 3 in result.report["thresholds_kept_at_0"]
+
+
+def test_keeping_the_referable_threshold_claims_no_target_and_measures_it():
+    logits, grades = _ordinal_cases(500, seed=10, overconfidence=2.0)
+    base = GradingConfig(referable_threshold=0.3, target_sensitivity=0.87)
+    result = calibrate(logits, grades, base=base, target_sensitivity=None)
+    assert result.grading.referable_threshold == 0.3 and result.grading.target_sensitivity is None
+    measured = result.report["referable_at_threshold"]
+    referable = np.array([r.referable for r in grade_results(logits, result.grading)])
+    assert measured["sensitivity"] == pytest.approx(referable[grades >= 2].mean())

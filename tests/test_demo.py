@@ -102,7 +102,7 @@ def test_test_set_is_held_out_and_the_checkpoint_is_the_one_trained(demo_run):
     assert not {i.case_id for i in train_items} & {i.case_id for i in test_items}
     ckpt = load_checkpoint(config.workdir / "checkpoint.pt")
     assert ckpt.model.backbone.kind == "resnet"                              # the demo's tower, tiny-rn
-    assert ckpt.summary["train"]["labels"] == str(config.workdir / "train" / "labels.csv")
+    assert ckpt.summary["train"]["data"] == [f"phantom:{config.workdir / 'train'}"]
     assert ckpt.summary["train"]["n"] + ckpt.summary["val"]["n"] == N_TRAIN
     assert ckpt.summary["schedule"]["epochs_run"] == 1
     assert metrics["val_qwk_torch"] == ckpt.summary["val_metrics"]["qwk"]

@@ -136,10 +136,12 @@ def test_export_re_embeds_the_bank_with_the_exported_model(tiny_checkpoint, phan
     items = read_labels(phantom_test)
     assert len(grader.bank) == len(items)
     assert grader.bundle.manifest.export["bank_rebuilt"]["count"] == len(items)
-    files, _, embeddings = grader.grades_and_embeddings([items[0].path])
-    if files:                                  # gradable: its own bank row is its nearest case, similarity ~1
-        nearest = grader.bank.search(embeddings, 1)[0][0]
-        assert nearest.case_id == items[0].case_id and nearest.similarity > 0.99
+    files, _, embeddings = grader.grades_and_embeddings([it.path for it in items])
+    assert files, "the quality gate refused every phantom photograph"
+    ids = {str(it.path): it.case_id for it in items}
+    for file, neighbours in zip(files, grader.bank.search(embeddings, 1)):
+        # its own bank row is its nearest case (the bank holds these very images, embedded by this model)
+        assert neighbours[0].case_id == ids[file] and neighbours[0].similarity > 0.99
 
 
 def test_the_bank_is_rebuilt_after_pruning_and_before_any_gate():
@@ -151,3 +153,34 @@ def test_the_bank_is_rebuilt_after_pruning_and_before_any_gate():
     steps = target_steps("cpu", prune=True, rebuild_bank=True)
     assert steps[steps.index(load_reference) + 1:][:2] == [prune_model, rebuild_bank]
     assert rebuild_bank not in target_steps("cpu")
+
+
+def test_case_ids_shared_by_two_images_become_their_paths(tmp_path):
+    from edgeretina.dataset import LabeledImage
+    from edgeretina.evaluation.sources import _case_ids
+
+    items = [LabeledImage(tmp_path / "a" / "001.png", "001", 0, source="csv"),
+             LabeledImage(tmp_path / "b" / "001.png", "001", 1, source="csv"),
+             LabeledImage(tmp_path / "c" / "001.png", "001", 1, source="aptos"),
+             LabeledImage(tmp_path / "d.dcm", "d", 2, frame=2, source="dicom")]
+    assert _case_ids(items) == [str(tmp_path / "a" / "001.png"), str(tmp_path / "b" / "001.png"), "001", "d"]
+
+
+def test_training_leaves_the_callers_random_state_and_threads_alone(phantom_train, tmp_path):
+    import torch
+
+    from edgeretina.training.backbone import BackboneConfig
+    from edgeretina.training.checkpoint import load_checkpoint
+    from edgeretina.training.loop import TrainConfig, train
+    from edgeretina.training.model import ModelConfig
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    threads = torch.get_num_threads()
+    config = TrainConfig(data=phantom_train, out=tmp_path / "m.pt", epochs=1, batch_size=10, workers=1, threads=1,
+                         model=ModelConfig(backbone=BackboneConfig(name="edgeretina-tiny-rn", image_size=64)))
+    train(config, log=lambda _: None, show_progress=False)
+    load_checkpoint(config.out)
+    assert torch.get_num_threads() == threads
+    assert torch.equal(torch.rand(3), expected)

@@ -16,7 +16,7 @@ def calibrate(
     data: DataOption,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Checkpoint to write (default: update CHECKPOINT in place).")] = None,
     target_sensitivity: Annotated[float, typer.Option("--target-sensitivity", min=0.01, max=0.99, help="Referable sensitivity the operating point must reach on DATA.")] = 0.87,
-    keep_threshold: Annotated[bool, typer.Option("--keep-referable-threshold", help="Fit thresholds and temperatures only; keep the referable threshold.")] = False,
+    keep_threshold: Annotated[bool, typer.Option("--keep-referable-threshold", help="Fit thresholds and temperatures only; keep the referable threshold (its sensitivity on DATA is reported, no longer a target).")] = False,
 ) -> None:
     """Recalibrate on held-out images: ordinal thresholds, temperatures (ECE before/after) and the referable operating point."""
     from edgeretina.training.checkpoint_tools import recalibrate

@@ -7,16 +7,14 @@ from typing import Annotated, Optional
 import typer
 
 from edgeretina.cli import app
+from edgeretina.choices import TRAINING_DEVICES, TRAINING_SAMPLERS
 from edgeretina.cli._options import ComputeThreadsOption, SeedOption, TrainingPrecision, choice_enum
 
-# The choices as data (training/data.py SAMPLERS, training/loop.py DEVICES), written out here so that
-# `--help` does not import torch.
-Sampler = choice_enum("Sampler", ("per_grade", "weighted"))
-Device = choice_enum("Device", ("cpu", "cuda"))
+Sampler = choice_enum("Sampler", TRAINING_SAMPLERS)
+Device = choice_enum("Device", TRAINING_DEVICES)
 
 
-@app.command(epilog="Examples: edgeretina train --data aptos:/data/aptos2019 --data eyepacs:/data/eyepacs --out model.pt --epochs 20\n\n"
-                     "edgeretina train data/train/labels.csv --val data/val/labels.csv --out model.pt")
+@app.command(epilog="Example: edgeretina train --data aptos:/data/aptos2019 --data eyepacs:/data/eyepacs --out model.pt --epochs 20")
 def train(
     labels: Annotated[Optional[Path], typer.Argument(help="labels.csv of the training set (path, grade, ...): the same as --data csv:LABELS.")] = None,
     data: Annotated[Optional[list[str]], typer.Option("--data", "-d", help="Training data as FORMAT:PATH (aptos, eyepacs, ddr, idrid, messidor2, deepdrid, phantom, dicom, csv); repeat to merge corpora.")] = None,
@@ -27,6 +25,7 @@ def train(
     val: Annotated[Optional[list[str]], typer.Option("--val", help="Validation data as FORMAT:PATH or a labels.csv (repeatable). Default: a patient-, source- and grade-aware split of the training data.")] = None,
     val_fraction: Annotated[float, typer.Option("--val-fraction", min=0.01, max=0.5, help="Share of the training data held out for validation when --val is not given.")] = 0.15,
     target_sensitivity: Annotated[float, typer.Option("--target-sensitivity", min=0.01, max=0.99, help="Referable sensitivity the operating point must reach on the validation set.")] = 0.87,
+    operating_point: Annotated[bool, typer.Option("--operating-point/--no-operating-point", help="Choose the referable threshold for --target-sensitivity on the validation set (else P(referable) >= 0.5).")] = True,
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="JSON of grade and lesion descriptions for the text prototypes (default: the packaged prompts.json).")] = None,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 10,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
@@ -43,6 +42,7 @@ def train(
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Flips, rotation, zoom, exposure, colour, gamma, blur inside the field of view.")] = True,
     focal_gamma: Annotated[float, typer.Option("--focal-gamma", min=0.0, help="Focal loss gamma on the prototype logits (0: cross-entropy).")] = 2.0,
     label_smoothing: Annotated[float, typer.Option("--label-smoothing", min=0.0, max=0.99, help="Label smoothing of the prototype targets.")] = 0.05,
+    contrastive_epochs: Annotated[int, typer.Option("--contrastive-epochs", min=0, help="Image-text contrastive epochs (captions from the grade and lesion labels) before the grading epochs; needs an open_clip tower. 0: none.")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the resume file next to --out, when there is one.")] = False,
     device: Annotated[Device, typer.Option("--device", help="cpu or cuda (under torchrun each process takes cuda:LOCAL_RANK).")] = Device("cpu"),
     threads: ComputeThreadsOption = None,
@@ -61,11 +61,11 @@ def train(
     specs = [f"csv:{labels}"] if labels is not None else []
     config = TrainConfig(data=tuple(specs + list(data or [])), out=out, model=model,
                          val_data=tuple(_spec_or_labels(v) for v in val or []), val_fraction=val_fraction,
-                         target_sensitivity=target_sensitivity, prompts_file=prompts, epochs=epochs,
+                         target_sensitivity=target_sensitivity if operating_point else None, prompts_file=prompts, epochs=epochs,
                          batch_size=batch_size, lr=lr, backbone_lr_scale=0.1 if pretrained else 1.0,
                          ben_graham=ben_graham, precision=precision.value, max_minutes=max_minutes, threads=threads, seed=seed,
                          sampler=sampler.value, per_grade=per_grade, patience=patience, min_delta=min_delta,
-                         trainable_blocks=trainable_blocks, augment=augment, resume=resume, device=device.value,
+                         trainable_blocks=trainable_blocks, augment=augment, resume=resume, contrastive_epochs=contrastive_epochs, device=device.value,
                          loss=LossWeights(focal_gamma=focal_gamma, label_smoothing=label_smoothing))
     result = run_training(config)
     if result.rank == 0:        # under torchrun every process returns; one line is printed

@@ -45,7 +45,7 @@ def checkpoint_input(checkpoint: Path, items: Sequence[LabeledImage], *, k: int 
     prepared = prepare_images(items, ckpt.preprocess, workers)
     for path, reason in prepared.skipped:
         log(f"skipped {path}: {reason}")
-    kept = _kept_items(items, prepared.case_ids, [p for p, _ in prepared.skipped])
+    kept = [items[i] for i in prepared.indices]
     outputs = predict(ckpt.model, prepared.images, ckpt.preprocess, batch_size)
     modes = [_ordinal_mode("head", outputs["ordinal_logits"], ckpt.grading),
              _prototype_mode(outputs["prototype_logits"], ckpt.grading)]
@@ -53,7 +53,7 @@ def checkpoint_input(checkpoint: Path, items: Sequence[LabeledImage], *, k: int 
         bank = FeatureBank(ckpt.bank.embeddings, ckpt.bank.grades, np.array(ckpt.bank.case_ids), scorer="numpy")
         neighbours = bank.search(outputs["embedding"], k)
         modes.append(_knn_mode(neighbours, ckpt.grading))
-    return EvaluationInput(case_ids=[it.case_id for it in kept], grades=np.array([it.grade for it in kept]),
+    return EvaluationInput(case_ids=_case_ids(kept), grades=np.array([it.grade for it in kept]),
                            sources=[_source(it) for it in kept], modes=modes,
                            excluded=_excluded({"unreadable": len(prepared.skipped)}),
                            meta={"model": ckpt.model_config.to_dict(), "checkpoint": str(checkpoint),
@@ -93,7 +93,7 @@ def bundle_input(bundle: Path, items: Sequence[LabeledImage], *, backend: str | 
     if all(v is not None for v in knn):
         modes.append(_mode_from_distribution("knn", np.array(knn), grading))
     manifest = grader.bundle.manifest
-    return EvaluationInput(case_ids=[it.case_id for it in kept], grades=np.array([it.grade for it in kept]),
+    return EvaluationInput(case_ids=_case_ids(kept), grades=np.array([it.grade for it in kept]),
                            sources=[_source(it) for it in kept], modes=modes,
                            excluded=_excluded({"unreadable": unreadable, "ungradable (quality gate)": ungradable}),
                            meta={"bundle": str(bundle), "backend": grader.backend, "precision": grader.precision,
@@ -126,12 +126,14 @@ def _mode_from_distribution(name: str, probs: np.ndarray, grading: GradingConfig
                            referable_scores=referable, referable_pred=referable >= 0.5)
 
 
-def _kept_items(items: Sequence[LabeledImage], case_ids: list[str], skipped_paths: list[str]) -> list[LabeledImage]:
-    skipped = set(skipped_paths)
-    kept = [it for it in items if str(it.path) not in skipped]
-    if [it.case_id for it in kept] != list(case_ids):
-        raise DatasetError("prepared images do not line up with the dataset's items")
-    return kept
+def _case_ids(items: Sequence[LabeledImage]) -> list[str]:
+    """Case ids that name one image each: an id that two images share (two sites numbering from 0001, the
+    frames of one DICOM) becomes the image's path (and frame)."""
+    counts: dict[tuple[str, str], int] = {}
+    for it in items:
+        counts[(it.case_id, _source(it))] = counts.get((it.case_id, _source(it)), 0) + 1
+    return [it.case_id if counts[(it.case_id, _source(it))] == 1
+            else f"{it.path}" + (f"#frame={it.frame}" if it.frame else "") for it in items]
 
 
 def _source(item: LabeledImage) -> str:

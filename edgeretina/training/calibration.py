@@ -25,6 +25,9 @@ DEFAULT_TARGET_SENSITIVITY = 0.87
 
 _THRESHOLD_GRID = np.round(np.arange(-3.0, 3.0001, 0.1), 3)
 _MIN_GAIN = 0.002  # a threshold moves only for a real accuracy gain: small validation sets overfit easily
+# A task "grade > k" with fewer cases on either side keeps the CORAL rule: with no case of grade 4, say,
+# accuracy peaks once the threshold passes every logit, and the model would never grade 4 again.
+MIN_TASK_CASES = 5
 
 
 def fit_temperature(ordinal_logits: np.ndarray, grades: np.ndarray) -> float:
@@ -41,7 +44,8 @@ def fit_temperature(ordinal_logits: np.ndarray, grades: np.ndarray) -> float:
 
 def fit_thresholds(ordinal_logits: np.ndarray, grades: np.ndarray) -> tuple[float, ...]:
     """One operating point per cumulative task "grade > k": the threshold that maximises that task's
-    accuracy on held-out logits, preferring 0 (the CORAL rule) unless moving gains real accuracy.
+    accuracy on held-out logits, preferring 0 (the CORAL rule) unless moving gains real accuracy. A task
+    with fewer than MIN_TASK_CASES cases on either side (underdetermined_tasks) keeps 0.
 
     Each task is fitted on its own: a joint search on QWK is not identifiable under the counting rule
     (one threshold can compensate another) and wanders to meaningless values.
@@ -49,13 +53,24 @@ def fit_thresholds(ordinal_logits: np.ndarray, grades: np.ndarray) -> tuple[floa
     logits = np.asarray(ordinal_logits, dtype=np.float64)
     grades = np.asarray(grades)
     thresholds = []
+    unfit = set(underdetermined_tasks(grades))
     for k in range(NUM_GRADES - 1):
         target = grades > k
+        if k in unfit:
+            thresholds.append(0.0)
+            continue
         accuracy = np.array([np.mean((logits[:, k] > t) == target) for t in _THRESHOLD_GRID])
         at_zero = accuracy[np.argmin(np.abs(_THRESHOLD_GRID))]
         best = int(np.argmax(accuracy - 1e-9 * np.abs(_THRESHOLD_GRID)))   # ties: the smaller move
         thresholds.append(float(_THRESHOLD_GRID[best]) if accuracy[best] > at_zero + _MIN_GAIN else 0.0)
     return tuple(thresholds)
+
+
+def underdetermined_tasks(grades: np.ndarray) -> list[int]:
+    """The tasks "grade > k" with fewer than MIN_TASK_CASES cases above or at-or-below k."""
+    grades = np.asarray(grades)
+    return [k for k in range(NUM_GRADES - 1)
+            if min(int((grades > k).sum()), int((grades <= k).sum())) < MIN_TASK_CASES]
 
 
 def fit_prototype_temperature(prototype_logits: np.ndarray, grades: np.ndarray) -> float:
@@ -125,29 +140,39 @@ def calibrate(ordinal_logits: np.ndarray, grades: np.ndarray, base: GradingConfi
               prototype_logits: np.ndarray | None = None,
               target_sensitivity: float | None = DEFAULT_TARGET_SENSITIVITY) -> CalibrationResult:
     """Fit the ordinal thresholds, both temperatures and the referable operating point on held-out
-    outputs. target_sensitivity None keeps base's referable threshold."""
+    outputs. target_sensitivity None keeps base's referable threshold (and claims no sensitivity for it);
+    without a referable case the operating point cannot be chosen: base's threshold is kept and the
+    report says why. The report also gives the referable sensitivity/specificity at the final threshold."""
     grades = np.asarray(grades)
     thresholds = fit_thresholds(ordinal_logits, grades)
     shifted = np.asarray(ordinal_logits, dtype=np.float64) - np.asarray(thresholds)[None, :]
     fitted = GradingConfig(thresholds=thresholds, temperature=fit_temperature(shifted, grades),
                            referable_min_grade=base.referable_min_grade,
-                           referable_threshold=base.referable_threshold,
-                           target_sensitivity=base.target_sensitivity,
+                           referable_threshold=base.referable_threshold, target_sensitivity=None,
                            prototype_temperature=(fit_prototype_temperature(prototype_logits, grades)
                                                   if prototype_logits is not None else base.prototype_temperature))
-    report = {"n": int(len(grades)), "thresholds": list(thresholds), "temperature": fitted.temperature,
+    report = {"n": int(len(grades)), "thresholds": list(thresholds),
+              "thresholds_kept_at_0": underdetermined_tasks(grades), "temperature": fitted.temperature,
               "ece_ordinal": {"before": _ordinal_ece(ordinal_logits, grades, base),
                               "after": _ordinal_ece(ordinal_logits, grades, fitted)}}
     if prototype_logits is not None:
         report["prototype_temperature"] = fitted.prototype_temperature
         report["ece_prototype"] = {"before": _prototype_ece(prototype_logits, grades, base),
                                    "after": _prototype_ece(prototype_logits, grades, fitted)}
-    if target_sensitivity is not None:
-        referable = cumulative_probabilities(ordinal_logits, fitted)[:, fitted.referable_min_grade - 1]
+    referable = cumulative_probabilities(ordinal_logits, fitted)[:, fitted.referable_min_grade - 1]
+    positive = grades >= fitted.referable_min_grade
+    if target_sensitivity is not None and positive.any():
         point = referable_operating_point(referable, grades, target_sensitivity, fitted.referable_min_grade)
         fitted = GradingConfig(**{**fitted.__dict__, "referable_threshold": point.threshold,
                                   "target_sensitivity": point.target_sensitivity})
         report["operating_point"] = point.__dict__.copy()
+    elif target_sensitivity is not None:
+        report["operating_point"] = {"skipped": f"no referable case (grade >= {fitted.referable_min_grade}) in "
+                                                f"the {len(grades)} calibration images: the referable threshold "
+                                                f"stays {fitted.referable_threshold}"}
+    sensitivity, specificity = sensitivity_specificity(positive.astype(np.int64), referable >= fitted.referable_threshold)
+    report["referable_at_threshold"] = {"threshold": fitted.referable_threshold, "sensitivity": sensitivity,
+                                        "specificity": specificity}
     return CalibrationResult(grading=fitted, report=report)
 
 

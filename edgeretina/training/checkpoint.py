@@ -91,7 +91,8 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"{path} is not an edgeretina checkpoint")
     if payload.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: unsupported checkpoint format version {payload.get('format_version')}")
-    model = GraderModel(ModelConfig.from_dict(payload["model_config"]), for_checkpoint=True)
+    with torch.random.fork_rng(devices=[]):     # the random init it is about to overwrite draws from torch's RNG
+        model = GraderModel(ModelConfig.from_dict(payload["model_config"]), for_checkpoint=True)
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:

@@ -33,6 +33,10 @@ def recalibrate(checkpoint: Path, data: Sequence[str], out: Path | None = None, 
     outputs = predict(ckpt.model, prepared.images, ckpt.preprocess, batch_size)
     result = calibrate(outputs["ordinal_logits"], prepared.grades, base=ckpt.grading,
                        prototype_logits=outputs["prototype_logits"], target_sensitivity=target_sensitivity)
+    skipped = result.report.get("operating_point", {}).get("skipped")
+    if skipped:
+        raise DatasetError(f"{skipped}; calibrate on held-out data with referable cases, "
+                           "or pass --keep-referable-threshold")
     report = {**result.report, "data": list(data), "sources": sorted(set(sources))}
     summary = {**ckpt.summary, "calibration": report}
     save_checkpoint(out or checkpoint, replace(ckpt, grading=result.grading, summary=summary))

@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 import torch
 
+from edgeretina.choices import TRAINING_SAMPLERS
 from edgeretina.dataset import LabeledImage
 from edgeretina.errors import ConfigError, DatasetError, EdgeRetinaError
 from edgeretina.grades import LESION_CODES
@@ -34,6 +35,7 @@ class PreparedSet:
     skipped: list[tuple[str, str]]  # (path, reason) of files that could not be used
     lesions: np.ndarray | None = None   # uint8 [N, L, h, w] patch-grid lesion targets, when masks exist
     sources: list[str] | None = None    # the dataset of each image (LabeledImage.source), "unknown" when unset
+    indices: list[int] | None = None    # the position of each image in the items it was prepared from
 
 
 def _mask_at(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -89,7 +91,7 @@ def prepare_images(items: Sequence[LabeledImage], config: PreprocessConfig, work
                        grades=np.array([items[i].grade for i in keep], dtype=np.int64),
                        case_ids=[items[i].case_id for i in keep], skipped=skipped,
                        lesions=np.stack([results[i][1] for i in keep]) if lesion_grid else None,
-                       sources=[items[i].source or "unknown" for i in keep])
+                       sources=[items[i].source or "unknown" for i in keep], indices=keep)
 
 
 def _mask_paths(item: LabeledImage) -> list[Path]:
@@ -100,7 +102,7 @@ def _mask_paths(item: LabeledImage) -> list[Path]:
     return paths
 
 
-SAMPLERS = ("per_grade", "weighted")
+SAMPLERS = TRAINING_SAMPLERS
 
 
 class PerGradeBatchSampler:

@@ -20,8 +20,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from edgeretina.choices import TRAINING_DEVICES
 from edgeretina.dataset import LabeledImage, grade_counts
-from edgeretina.errors import ConfigError
+from edgeretina.errors import ConfigError, DatasetError
 from edgeretina.layouts import DataSpec, load_data, parse_data_spec, split_items
 from edgeretina.metrics import grading_report
 from edgeretina.preprocess import PreprocessConfig
@@ -30,6 +31,7 @@ from edgeretina.training import distributed
 from edgeretina.training.augment import AugmentConfig, augment
 from edgeretina.training.calibration import DEFAULT_TARGET_SENSITIVITY, calibrate
 from edgeretina.training.checkpoint import Checkpoint, TrainingBank, save_checkpoint
+from edgeretina.training.contrastive import check_contrastive_config, pretrain_contrastive
 from edgeretina.training.data import (SAMPLERS, PerGradeBatchSampler, PreparedSet, WeightedBatchSampler,
                                       prepare_images, sequential_batches, to_model_input)
 from edgeretina.training.distributed import DistributedContext
@@ -41,7 +43,7 @@ from edgeretina.training.precision import PRECISIONS, ResolvedPrecision, resolve
 from edgeretina.training.resume import (ResumeState, load_resume_state, resume_path, run_fingerprint,
                                         save_resume_state)
 
-DEVICES = ("cpu", "cuda")
+DEVICES = TRAINING_DEVICES
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class TrainConfig:
     resume: False starts afresh; True continues from the resume file next to `out`
         (`resume.resume_path(out)`) when there is one; a path continues from that file (it must exist).
     device: "cpu" or "cuda" (under torchrun each process takes cuda:LOCAL_RANK).
+    contrastive_epochs / contrastive_lr: image-text contrastive epochs before the grading epochs, and
+        their towers' learning rate (training/contrastive.py; 0 epochs: none).
     """
 
     data: tuple[DataSpec, ...]                  # FORMAT:PATH specs (edgeretina/layouts), merged; a Path is a labels.csv
@@ -93,6 +97,8 @@ class TrainConfig:
     device: str = "cpu"
     target_sensitivity: float | None = DEFAULT_TARGET_SENSITIVITY   # referable operating point on validation
     prompts_file: Path | None = None            # grade/lesion descriptions (default: training/prompts.json)
+    contrastive_epochs: int = 0
+    contrastive_lr: float = 1e-5
 
     def __post_init__(self):
         object.__setattr__(self, "data", _specs(self.data))
@@ -121,6 +127,7 @@ class TrainConfig:
             raise ConfigError(f"trainable_blocks must be None, 0 or positive, got {self.trainable_blocks}")
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {', '.join(DEVICES)}, not {self.device!r}")
+        check_contrastive_config(self)
 
 
 def _specs(values) -> tuple[DataSpec, ...]:
@@ -178,11 +185,16 @@ def train(config: TrainConfig, log: Logger = _stderr, show_progress: bool = True
     file)."""
     started = time.perf_counter()
     ctx = distributed.init_from_env(config.device)
+    threads = torch.get_num_threads()
     try:
-        result = _train(config, ctx, log if ctx.is_main else _silent, show_progress and ctx.is_main, started)
+        # The run seeds torch's global generators; the caller's random state and thread count come back.
+        with torch.random.fork_rng(devices=[ctx.device] if ctx.device.startswith("cuda") else []):
+            result = _train(config, ctx, log if ctx.is_main else _silent, show_progress and ctx.is_main, started)
     except BaseException:
         distributed.shutdown(ctx, failed=True)
         raise
+    finally:
+        torch.set_num_threads(threads)
     distributed.shutdown(ctx)
     return result
 
@@ -221,6 +233,7 @@ class _Run:
     elapsed_before: float = 0.0
     resumed_from: int | None = None
     stopped: dict | None = None
+    contrastive: dict | None = None     # the contrastive stage's record (None: not run)
 
 
 def _train(config: TrainConfig, ctx: DistributedContext, log: Logger, show_progress: bool, started: float) -> TrainResult:
@@ -256,6 +269,8 @@ def _set_up(config: TrainConfig, ctx: DistributedContext, log: Logger) -> _Run:
     val_set = prepare_images(val_items, preprocess, config.workers)
     for path, reason in train_set.skipped + val_set.skipped:
         log(f"skipped {path}: {reason}")
+    contrastive = pretrain_contrastive(model, train_items, train_set, preprocess, config, plan, ctx, log,
+                                       precision.autocast_dtype)
     sampler = _sampler(config, train_set.grades, ctx, log)
     augment_rng = np.random.default_rng([config.seed, _AUGMENT_STREAM, ctx.rank])
     cached = config.cache_features and plan.backbone_frozen and not config.augment
@@ -284,7 +299,7 @@ def _set_up(config: TrainConfig, ctx: DistributedContext, log: Logger) -> _Run:
                 train_set=train_set, val_set=val_set, inputs=inputs, val_cache=val_cache, sampler=sampler,
                 optimizer=optimizer, schedule=schedule, scheduler=scheduler, scaler=scaler,
                 augment_rng=augment_rng, fingerprint=fingerprint, data_summary=data_summary, planned_epochs=config.epochs,
-                stopping=EarlyStopping(config.patience, config.min_delta))
+                stopping=EarlyStopping(config.patience, config.min_delta), contrastive=contrastive)
 
 
 # Separate random streams of one seed (numpy SeedSequence entropy), so that e.g. turning augmentation off
@@ -328,6 +343,8 @@ def _restore(run: _Run, log: Logger) -> None:
     rank = run.ctx.rank
     run.augment_rng.bit_generator.state = state.rng["numpy"][rank]
     torch.set_rng_state(state.rng["torch"][rank])
+    if run.ctx.device.startswith("cuda") and state.rng.get("cuda"):
+        torch.cuda.set_rng_state(state.rng["cuda"][rank], run.ctx.device)
     run.epoch, run.planned_epochs, run.history = state.epoch, state.planned_epochs, list(state.history)
     run.best_qwk, run.best_epoch, run.best_state = state.best_qwk, state.best_epoch, state.best_state
     run.stopping.best, run.stopping.waited = state.stopping_best, state.epochs_without_improvement
@@ -410,8 +427,10 @@ def _after_epoch(run: _Run, epoch: int, losses: dict, epoch_started: float, dead
 
 def _save_resume(run: _Run, elapsed: float) -> None:
     """Every process hands rank 0 its random states; rank 0 writes the resume file."""
-    rng_states = distributed.gather({"numpy": run.augment_rng.bit_generator.state, "torch": torch.get_rng_state()},
-                                    run.ctx)
+    states = {"numpy": run.augment_rng.bit_generator.state, "torch": torch.get_rng_state()}
+    if run.ctx.device.startswith("cuda"):                 # dropout and drop-path draw from the device's generator
+        states["cuda"] = torch.cuda.get_rng_state(run.ctx.device)
+    rng_states = distributed.gather(states, run.ctx)
     if not run.ctx.is_main:
         return
     model_state = {k: v.detach().cpu() for k, v in run.model.state_dict().items()}
@@ -421,7 +440,7 @@ def _save_resume(run: _Run, elapsed: float) -> None:
         scheduler=run.scheduler.state_dict(), scaler=run.scaler.state_dict() or None, best_qwk=run.best_qwk,
         best_epoch=run.best_epoch, best_state=best, history=run.history,
         stopping_best=run.stopping.best, epochs_without_improvement=run.stopping.waited, planned_epochs=run.planned_epochs, elapsed_seconds=elapsed,
-        rng={"numpy": [s["numpy"] for s in rng_states], "torch": [s["torch"] for s in rng_states]},
+        rng={key: [s[key] for s in rng_states] for key in rng_states[0]},
         sampler=run.sampler.state_dict(), fingerprint=run.fingerprint))
 
 
@@ -436,6 +455,9 @@ def _finish(run: _Run, log: Logger, started: float) -> TrainResult:
     calibration = calibrate(val_out["ordinal_logits"], run.val_set.grades, prototype_logits=val_out["prototype_logits"],
                             target_sensitivity=config.target_sensitivity)
     grading = calibration.grading
+    skipped = calibration.report.get("operating_point", {}).get("skipped")
+    if skipped:
+        log(f"referable operating point not chosen: {skipped}")
     val_metrics = grading_report(run.val_set.grades, ordinal_grades(val_out["ordinal_logits"], grading.thresholds))
     log(f"validation after calibration: QWK {val_metrics['qwk']:.4f}, thresholds "
         f"{[round(t, 2) for t in grading.thresholds]}, temperature {grading.temperature:.3f}")
@@ -472,6 +494,7 @@ def _summary(run: _Run, val_metrics: dict, calibration_report: dict, seconds: fl
         "history": run.history,
         "val_metrics": _scalars(val_metrics),
         "calibration": calibration_report,
+        "contrastive": run.contrastive,
         "seconds": round(seconds, 1),
     }
 
@@ -493,9 +516,24 @@ def _split(config: TrainConfig, log: Logger) -> tuple[list[LabeledImage], list[L
         val = load_data(config.val_data)
         for line in val.summary.lines():
             log(f"validation: {line}")
-        return loaded.items, val.items, {**summary, "val": val.summary.to_dict()}
+        kept, overlap = _disjoint_from(val.items, loaded.items)
+        if overlap:
+            log(f"validation: left out {overlap} images that are training images or of training patients")
+        if not kept:
+            raise DatasetError("every validation image is a training image or of a training patient")
+        return loaded.items, kept, {**summary, "val": {**val.summary.to_dict(), "left_out_as_training": overlap}}
     train_items, val_items = split_items(loaded.items, config.val_fraction, config.seed)
     return train_items, val_items, summary
+
+
+def _disjoint_from(val: list[LabeledImage], train: list[LabeledImage]) -> tuple[list[LabeledImage], int]:
+    """The validation items that are neither a training image (path and frame) nor of a training patient
+    (of the same corpus):
+    a validation set overlapping training would inflate QWK and choose the calibration on seen cases."""
+    images = {(it.path, it.frame) for it in train}
+    patients = {(it.source, it.patient) for it in train if it.patient}     # patient ids are per corpus
+    kept = [it for it in val if (it.path, it.frame) not in images and (it.source, it.patient) not in patients]
+    return kept, len(val) - len(kept)
 
 
 def _optimizer(model: GraderModel, config: TrainConfig) -> torch.optim.Optimizer:

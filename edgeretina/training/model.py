@@ -75,7 +75,8 @@ class GraderModel(nn.Module):
         self.projection = _projection(dim, config.projection_hidden)
         prototypes = build.text_embeddings
         if not build.has_text_tower:  # no text tower, no text prototypes: learn them
-            prototypes = orthonormal_prototypes(NUM_GRADES + len(LESION_CODES), dim)
+            count = NUM_GRADES + len(LESION_CODES)
+            prototypes = torch.zeros(count, dim) if for_checkpoint else orthonormal_prototypes(count, dim)
             self.grade_prototypes = nn.Parameter(prototypes[:NUM_GRADES].clone())
             self.lesion_prototypes = nn.Parameter(prototypes[NUM_GRADES:].clone())
         else:

@@ -31,8 +31,11 @@ from edgeretina.errors import CheckpointError, ConfigError
 FORMAT = "edgeretina-resume"
 FORMAT_VERSION = 1
 # Settings that may change between an interrupted run and its resumption: where things go, how many
-# threads/workers, the time budget and the early-stopping rule. Everything else must match.
-_MAY_CHANGE = ("data", "val_data", "out", "resume", "threads", "workers", "max_minutes", "patience", "min_delta")
+# threads/workers, the early-stopping rule, and what only the end of the run uses (the operating point's
+# target; the prompts, whose prototypes come back with the weights). Everything else must match, the time
+# budget too: it decided the planned epochs after the first one, and the resumed run keeps that plan.
+_MAY_CHANGE = ("data", "val_data", "out", "resume", "threads", "workers", "patience", "min_delta",
+               "target_sensitivity", "prompts_file")
 
 
 def resume_path(out: str | os.PathLike) -> Path:
