@@ -20,6 +20,7 @@ EXPORT_PRECISIONS = tuple(dict.fromkeys(p for precisions in TARGET_PRECISIONS.va
 GATE_MODES = ("fail", "warn", "off")
 TRAINING_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TRAINING_SAMPLERS = ("per_grade", "weighted")            # training/data.py
+SALIENCY_KINDS = ("deep", "gated")                        # training/model.py
 TRAINING_DEVICES = ("cpu", "cuda")                       # training/loop.py, training/distributed.py
 BANK_DTYPES = ("float16", "int8")                      # bank.npz on disk (bank_storage.py)
 BACKENDS = ("onnxruntime", "tensorrt", "openvino")     # runtime/backends/registry.py maps each to its runner

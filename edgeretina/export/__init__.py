@@ -65,9 +65,7 @@ def _manifest(ctx: ExportContext) -> Manifest:
         outputs={"input": {"name": "image", "shape": ["B", 3, ckpt.preprocess.image_size, ckpt.preprocess.image_size]},
                  "names": list(model.output_names), "shapes": {n: shapes[n] for n in model.output_names}},
         grading=ckpt.grading.to_dict(),
-        saliency={"grid": [h, w], "method": "patch-prototype similarity: sigmoid(scale * (max cos to a DR grade "
-                                            "prototype - cos to the no-DR prototype) + bias)",
-                  "tokens": model.backbone.token_path},
+        saliency={"grid": [h, w], "method": saliency_method(model), "tokens": model.backbone.token_path},
         bank=ctx.bank_info,
         artifacts=ctx.artifacts,
         export={"target": ctx.config.target, "opset": ctx.config.opset, "steps": ctx.steps_done,
@@ -84,3 +82,15 @@ def _publish(staging: Path, out: Path, config: ExportConfig) -> Path:
     staging.chmod(0o755)  # mkdtemp made it private; a bundle is meant to be shared
     staging.rename(out)
     return out
+
+
+DEEP_SALIENCY = ("patch-prototype similarity: sigmoid(scale * (max cos to a DR grade prototype - cos to the no-DR "
+                 "prototype) + bias + log(field weight)); patches the fundus field does not cover carry no evidence")
+
+
+def saliency_method(model) -> str:
+    """The manifest's words for the graph's saliency output."""
+    if getattr(model, "shallow_head", None) is None:
+        return DEEP_SALIENCY
+    return ("gated multi-layer (ELLG): deep = " + DEEP_SALIENCY + "; a shallow layer's learned evidence, both "
+            "normalised to the image's peak, fused as the deep peak * sigmoid(12 * (deep - 0.3)) * sqrt(deep * shallow)")

@@ -93,3 +93,12 @@ class VisionBackbone(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.adapter.forward(self.visual, images)
+
+    @property
+    def shallow_dim(self) -> int:
+        """Channels of forward_layers' shallow tokens (0: this tower has no shallow path)."""
+        return self.adapter.shallow_dim
+
+    def forward_layers(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pooled, tokens, shallow [B, h*w, shallow_dim]) in one pass; ConfigError without a shallow path."""
+        return self.adapter.forward_layers(self.visual, images)

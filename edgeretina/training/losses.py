@@ -81,6 +81,9 @@ def lesion_loss(lesion_logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return bce + dice.mean()
 
 
+_WEIGHT_OF = {"shallow": "saliency"}   # a loss part -> the LossWeights field that weighs it
+
+
 def grader_loss(outputs: dict[str, torch.Tensor], grades: torch.Tensor, weights: LossWeights,
                 lesion_targets: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     parts = {
@@ -89,7 +92,9 @@ def grader_loss(outputs: dict[str, torch.Tensor], grades: torch.Tensor, weights:
                                 weights.label_smoothing),
         "saliency": saliency_mil_loss(outputs["saliency_logits"].float(), grades, weights.saliency_top_k),
     }
+    if "shallow_logits" in outputs:   # gated saliency: the shallow layer's evidence learns like the deep one
+        parts["shallow"] = saliency_mil_loss(outputs["shallow_logits"].float(), grades, weights.saliency_top_k)
     if lesion_targets is not None and "lesion_logits" in outputs:
         parts["lesion"] = lesion_loss(outputs["lesion_logits"].float(), lesion_targets)
-    total = sum(getattr(weights, name) * value for name, value in parts.items())
+    total = sum(getattr(weights, _WEIGHT_OF.get(name, name)) * value for name, value in parts.items())
     return total, {name: float(value.detach()) for name, value in parts.items()}

@@ -7,7 +7,15 @@
 - saliency: the same prototype similarity applied to every patch token; a patch's disease evidence is
   how much closer it sits to the nearest disease prototype than to the healthy one (CLPI-style patch
   attention; no autograd needed on the device);
-- optional lesion head: per-patch lesion logits, image-level presence by global max pooling (CLPI, SiAN).
+- optional lesion head: per-patch lesion logits, image-level presence by global max pooling (CLPI, SiAN);
+- gated multi-layer saliency (ELLG; ``saliency="gated"``): a shallow layer's patches (ViT middle block,
+  ResNet layer2) get their own evidence head; both maps are normalised to their image's peak, multiplied
+  (geometric mean: fine shallow detail where the deep layer agrees) and gated by the deep map
+  (sigmoid(GATE_SHARPNESS * (deep - GATE_LEVEL))), which suppresses the small responses normal anatomy
+  (vessels, disc rim) leaves in the shallow layer; the result keeps the deep map's peak, so a healthy
+  image stays dim. All in the graph, so it runs on the device;
+- field of view: both patch maps are restricted to the fundus field in the graph (`field_weights`), so the
+  black surround and patches cut by the field edge can carry no evidence (the edge ring, issue 14).
 """
 
 from __future__ import annotations
@@ -20,12 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgeretina.choices import SALIENCY_KINDS
 from edgeretina.errors import ConfigError
 from edgeretina.grades import LESION_CODES, NUM_GRADES
 from edgeretina.training.backbone import BackboneConfig
 from edgeretina.training.factory import build_backbone
 from edgeretina.training.prompts import load_prompts, orthonormal_prototypes
 
+FIELD_LEVEL = 8.0 / 255.0    # brighter than this (brightest channel) is fundus, darker the blacked-out surround
+FIELD_NONE, FIELD_FULL = 0.5, 0.95   # fraction of a patch inside the field for weight 0 and weight 1
+GATE_LEVEL, GATE_SHARPNESS = 0.3, 12.0   # deep evidence (of the image's peak) where the gate half opens
 OUTPUT_NAMES = ("ordinal_logits", "prototype_logits", "embedding", "saliency")
 LESION_OUTPUT = "lesion_logits"
 
@@ -36,20 +48,27 @@ class ModelConfig:
     lesion_head: bool = False
     projection_hidden: int = 0          # 0: a single linear projection; >0: a two-layer MLP
     init_logit_scale: float = 10.0      # CLIP-style temperature for the cosine similarities
+    saliency: str = "deep"              # "deep": the final layer's patch evidence; "gated": ELLG's fusion
+
+    def __post_init__(self):
+        if self.saliency not in SALIENCY_KINDS:
+            raise ConfigError(f"saliency must be one of {list(SALIENCY_KINDS)}, got {self.saliency!r}")
 
     def to_dict(self) -> dict:
         return {"backbone": self.backbone.to_dict(), "lesion_head": self.lesion_head,
-                "projection_hidden": self.projection_hidden, "init_logit_scale": self.init_logit_scale}
+                "projection_hidden": self.projection_hidden, "init_logit_scale": self.init_logit_scale,
+                "saliency": self.saliency}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
-        unknown = set(data) - {"backbone", "lesion_head", "projection_hidden", "init_logit_scale"}
+        unknown = set(data) - {"backbone", "lesion_head", "projection_hidden", "init_logit_scale", "saliency"}
         if unknown:
             raise ConfigError(f"unknown model config keys: {sorted(unknown)}")
         return cls(backbone=BackboneConfig.from_dict(data["backbone"]),
                    lesion_head=bool(data.get("lesion_head", False)),
                    projection_hidden=int(data.get("projection_hidden", 0)),
-                   init_logit_scale=float(data.get("init_logit_scale", 10.0)))
+                   init_logit_scale=float(data.get("init_logit_scale", 10.0)),
+                   saliency=str(data.get("saliency", "deep")))
 
 
 class GraderModel(nn.Module):
@@ -91,6 +110,7 @@ class GraderModel(nn.Module):
         # Offset of the patch disease evidence so that sigmoid(evidence) starts well below 0.5.
         self.saliency_bias = nn.Parameter(torch.tensor(-2.0))
         self.lesion_head = nn.Linear(dim, len(LESION_CODES)) if config.lesion_head else None
+        self.shallow_head = _shallow_head(self.backbone.shallow_dim) if config.saliency == "gated" else None
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -101,14 +121,33 @@ class GraderModel(nn.Module):
         return OUTPUT_NAMES + ((LESION_OUTPUT,) if self.lesion_head is not None else ())
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.forward_heads(*self.forward_features(images))
+        return self.forward_heads(*self.forward_features(images), field=self.field_weights(images))
 
-    def forward_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The backbone alone: (pooled [B, D], tokens [B, h*w, D]); what the frozen-backbone cache keeps."""
-        return self.backbone(images)
+    def field_weights(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, h*w] in 0..1: how far each patch lies inside the fundus field of the normalised input.
 
-    def forward_heads(self, pooled: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every output from the backbone's (pooled, tokens); forward = forward_heads(*forward_features)."""
+        The shared preprocessing blacks out everything outside the field (mask_outside_fov), so a pixel is
+        in the field when its brightest channel, un-normalised, is above FIELD_LEVEL. A patch at least
+        FIELD_FULL inside weighs 1, one at most FIELD_NONE inside weighs 0, linear between: the patches the
+        field edge cuts, whose tokens mix fundus and black and lit up as a ring, carry no evidence."""
+        mean = images.new_tensor(self.backbone.mean).view(1, 3, 1, 1)
+        std = images.new_tensor(self.backbone.std).view(1, 3, 1, 1)
+        inside = ((images * std + mean).amax(dim=1, keepdim=True) > FIELD_LEVEL).to(images.dtype)
+        h, w = self.grid_size
+        size = self.backbone.image_size      # static: the exporters need constant pooling kernels
+        kernel = (size // h, size // w)
+        fraction = F.avg_pool2d(inside, kernel_size=kernel, stride=kernel)[..., :h, :w]
+        return ((fraction - FIELD_NONE) / (FIELD_FULL - FIELD_NONE)).clamp(0.0, 1.0).flatten(1)
+
+    def forward_features(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The backbone alone: (pooled [B, D], tokens [B, h*w, D]), and the shallow layer's tokens
+        [B, h*w, C] third with gated saliency; what the frozen-backbone cache keeps."""
+        return self.backbone.forward_layers(images) if self.shallow_head is not None else self.backbone(images)
+
+    def forward_heads(self, pooled: torch.Tensor, tokens: torch.Tensor, shallow: torch.Tensor | None = None,
+                      field: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Every output from the backbone's (pooled, tokens[, shallow]) and the patches' field weights
+        [B, h*w] (None: no restriction); forward = forward_heads(*forward_features, field=field_weights)."""
         z = self.projection(pooled)
         embedding = F.normalize(z, dim=-1)
         patches = F.normalize(self.projection(tokens), dim=-1)              # [B, N, D]
@@ -118,17 +157,51 @@ class GraderModel(nn.Module):
         ordinal_logits = self.coral_weight(z) + self.coral_bias               # [B, 4]
         patch_sim = patches @ prototypes.t()                                  # [B, N, 5]
         disease_evidence = scale * (patch_sim[..., 1:].amax(dim=-1) - patch_sim[..., 0]) + self.saliency_bias
+        outside = _outside_field_offset(field)                                # [B, N] or 0
+        disease_evidence = disease_evidence + outside
         h, w = self.grid_size
+        deep = torch.sigmoid(disease_evidence)
         out = {
             "ordinal_logits": ordinal_logits,
             "prototype_logits": prototype_logits,
             "embedding": embedding,
-            "saliency": torch.sigmoid(disease_evidence).reshape(-1, h, w),
+            "saliency": deep.reshape(-1, h, w),
             "saliency_logits": disease_evidence.reshape(-1, h, w),           # training only, not exported
         }
+        if self.shallow_head is not None:
+            if shallow is None:
+                raise ConfigError("gated saliency needs the shallow layer's tokens (forward_features gives them)")
+            shallow_evidence = self.shallow_head(shallow).squeeze(-1) + outside
+            out["saliency"] = gated_saliency(deep, torch.sigmoid(shallow_evidence)).reshape(-1, h, w)
+            out["saliency_deep"] = deep.reshape(-1, h, w)                     # not exported: for comparison
+            out["shallow_logits"] = shallow_evidence.reshape(-1, h, w)        # training only
         if self.lesion_head is not None:
-            out[LESION_OUTPUT] = self.lesion_head(patches).transpose(1, 2).reshape(-1, len(LESION_CODES), h, w)
+            lesion = self.lesion_head(patches) + (outside.unsqueeze(-1) if field is not None else 0.0)
+            out[LESION_OUTPUT] = lesion.transpose(1, 2).reshape(-1, len(LESION_CODES), h, w)
         return out
+
+
+def gated_saliency(deep: torch.Tensor, shallow: torch.Tensor) -> torch.Tensor:
+    """ELLG's gated fusion of a deep and a shallow evidence map [B, N] (both 0..1), see the module doc."""
+    peak = deep.amax(dim=-1, keepdim=True)
+    deep_n = deep / (peak + 1e-6)
+    shallow_n = shallow / (shallow.amax(dim=-1, keepdim=True) + 1e-6)
+    gate = torch.sigmoid(GATE_SHARPNESS * (deep_n - GATE_LEVEL))
+    return peak * gate * torch.sqrt(deep_n * shallow_n + 1e-12)
+
+
+def _shallow_head(channels: int) -> nn.Module:
+    if channels <= 0:
+        raise ConfigError("gated saliency needs a tower with a shallow-layer path (open_clip ViT or ModifiedResNet)")
+    return nn.Sequential(nn.LayerNorm(channels), nn.Linear(channels, 1))
+
+
+def _outside_field_offset(field: torch.Tensor | None) -> torch.Tensor | float:
+    """log(weight) added to a patch logit: sigmoid(logit + log w) ~= w * sigmoid(logit) for the small
+    probabilities of healthy tissue, and a patch outside the field (w = 0) sits at logit - 9.2."""
+    if field is None:
+        return 0.0
+    return torch.log(field + 1e-4)
 
 
 def _projection(dim: int, hidden: int) -> nn.Module:

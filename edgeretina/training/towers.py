@@ -33,6 +33,11 @@ the joint space depends on the tower:
 
 open_clip's CoCa-style attentional poolers give query tokens, not patch tokens, and are refused.
 
+A shallow layer's tokens, for the gated multi-layer saliency (model.py): ``forward_layers(tower, images)`` gives
+(pooled, tokens, shallow [B, h*w, C]) in one pass — the ViT's patch tokens after the middle block, the
+ResNet's layer2 map average-pooled onto the final grid. The timm kinds have no shallow path yet
+(ConfigError).
+
 An adapter reads the tower's geometry once (``image_size``, ``grid_size``, ``embed_dim``, ``token_path``,
 ``mean``, ``std``)
 and holds no reference to it: the tower stays a submodule of the VisionBackbone (its state-dict keys),
@@ -69,8 +74,14 @@ class TowerAdapter:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
+    shallow_dim: int = 0   # channels of forward_layers' shallow tokens; 0: no shallow path
+
     def forward(self, tower: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def forward_layers(self, tower: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise ConfigError(f"{self.kind} towers have no shallow-layer path: gated saliency needs an open_clip "
+                          "ViT or ModifiedResNet tower (use saliency 'deep')")
 
 
 def adapter_for(tower: nn.Module) -> TowerAdapter:
@@ -121,14 +132,28 @@ class VitAdapter(TowerAdapter):
         self.embed_dim = int(tower.proj.shape[1]) if tower.proj is not None else int(tower.ln_post.normalized_shape[0])
         ln = "ln_post" if tower.final_ln_after_pool else "ln_post (inside the tower)"
         self.token_path = f"vit: patch tokens -> {ln} -> proj"
+        self.shallow_index = len(tower.transformer.resblocks) // 2 - 1    # the middle block's output
+        self.shallow_dim = int(tower.transformer.width)
 
     def forward(self, tower: VisionTransformer, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pooled, tokens = tower(images)  # tokens: before proj; after ln_post unless final_ln_after_pool
+        return pooled, self._joint_tokens(tower, tokens)
+
+    def forward_layers(self, tower: VisionTransformer, images: torch.Tensor):
+        """VisionTransformer.forward's own steps, keeping the middle block's patch tokens on the way."""
+        x, taken = tower.transformer.forward_intermediates(tower._embeds(images), indices=[self.shallow_index])
+        pooled, tokens = tower._pool(x)
+        if tower.proj is not None:
+            pooled = pooled @ tower.proj
+        return pooled, self._joint_tokens(tower, tokens), taken[0][:, 1:]   # the class token dropped
+
+    @staticmethod
+    def _joint_tokens(tower: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
         if tower.final_ln_after_pool:
             tokens = tower.ln_post(tokens)
         if tower.proj is not None:
             tokens = tokens @ tower.proj
-        return pooled, tokens
+        return tokens
 
 
 class ResNetAdapter(TowerAdapter):
@@ -140,10 +165,22 @@ class ResNetAdapter(TowerAdapter):
         self.grid_size = (side, side)
         self.embed_dim = int(tower.attnpool.c_proj.out_features)
         self.token_path = "resnet: layer4 map + attnpool pos -> attnpool.v_proj -> attnpool.c_proj (value path)"
+        last_block = tower.layer2[-1]
+        self.shallow_dim = int(last_block.bn3.num_features)
+        self.shallow_stride = 4    # layer2 is at 1/8 of the input, layer4 (the grid) at 1/32
 
     def forward(self, tower: ModifiedResNet, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = tower.stem(images)
-        x = tower.layer4(tower.layer3(tower.layer2(tower.layer1(x))))
+        return self._pooled_and_tokens(tower, tower.layer4(tower.layer3(tower.layer2(tower.layer1(x)))))
+
+    def forward_layers(self, tower: ModifiedResNet, images: torch.Tensor):
+        shallow = tower.layer2(tower.layer1(tower.stem(images)))
+        pooled, tokens = self._pooled_and_tokens(tower, tower.layer4(tower.layer3(shallow)))
+        k = self.shallow_stride
+        return pooled, tokens, nn.functional.avg_pool2d(shallow, k, k).flatten(2).transpose(1, 2)
+
+    @staticmethod
+    def _pooled_and_tokens(tower: ModifiedResNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pool = tower.attnpool
         pooled = pool(x)
         features = x.flatten(2).transpose(1, 2) + pool.positional_embedding[1:].to(x.dtype)  # [B, h*w, C]
