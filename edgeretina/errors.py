@@ -25,6 +25,10 @@ class DicomError(ImageDecodeError):
         super().__init__(message)
 
 
+class UngradableImageError(EdgeRetinaError):
+    """The quality gate refused the photo: there is no grade to explain."""
+
+
 class DatasetError(EdgeRetinaError):
     """A dataset (labels.csv and its images) is missing, malformed or unusable."""
 

@@ -19,11 +19,12 @@ import numpy as np
 
 from edgeretina.bundle import Bundle, load_bundle
 from edgeretina.errors import EdgeRetinaError
-from edgeretina.grades import LESIONS, grade_name
+from edgeretina.grades import grade_name
 from edgeretina.preprocess import Geometry, ImageRef, ImageSource, detect_fov, iter_sources, normalize, prepare
 from edgeretina.quality import assess_quality
 from edgeretina.runtime.backends import create_runner, model_artifact, pick_backend
 from edgeretina.runtime.knn import FeatureBank
+from edgeretina.runtime.lesions import find_lesions, lesion_presence  # noqa: F401  (lesion_presence: re-export)
 from edgeretina.runtime.postprocess import grade_results
 from edgeretina.runtime.verify import ensure_verified
 from edgeretina.signing import TrustList, enforce_trust, resolve_trust
@@ -45,7 +46,7 @@ class GradeRecord:
     screening: str | None = None            # "negative" | "referable" | "ungradable"; None on error
     neighbors: list[dict] = field(default_factory=list)
     knn_grade: int | None = None            # similarity-weighted vote of the neighbours: a second opinion
-    lesions: list[dict] | None = None       # per lesion type: probability present (lesion-head models only)
+    lesions: list[dict] | None = None       # per lesion type: presence, count, regions (lesion head only; lesions.py)
     timings_ms: dict[str, float] = field(default_factory=dict)
     overlay: str | None = None              # path of the saliency overlay, when one was written
     error: str | None = None
@@ -125,6 +126,14 @@ class Grader:
         dim = int(self.bundle.manifest.model.get("embed_dim", 0))
         return files, grades, np.concatenate(embeddings) if embeddings else np.zeros((0, dim), np.float32)
 
+    def infer_prepared(self, prepared: np.ndarray) -> dict[str, np.ndarray]:
+        """The graph's raw outputs (by name, batch first) for images already in the model-input frame:
+        uint8 [S, S, 3] or [N, S, S, 3] as `prepare` gives them. For edits of a prepared photo (the
+        counterfactual's inpainting) that need a re-grade without decoding or detecting the field again;
+        grade them with postprocess.grade_results(outputs["ordinal_logits"], self.grading)."""
+        batch = prepared[None] if prepared.ndim == 3 else prepared
+        return self.runner.run(normalize(np.ascontiguousarray(batch), self.preprocess))
+
     def grade(self, paths: Iterable[str | os.PathLike | ImageRef], batch_size: int = 8) -> list[GradeRecord]:
         return [graded.record for graded in self.grade_iter(paths, batch_size)]
 
@@ -202,7 +211,7 @@ class Grader:
             record.neighbors = [n.to_dict() for n in neighbors[i]]
             record.knn_grade = self.bank.vote(neighbors[i]) if neighbors[i] else None
             if "lesion_logits" in outputs:
-                record.lesions = lesion_presence(outputs["lesion_logits"][i])
+                record.lesions = find_lesions(outputs["lesion_logits"][i], item.graded.geometry)
             record.timings_ms.update(inference=_ms((inferred - started) * per_image),
                                      postprocess=_ms((graded - inferred) * per_image),
                                      knn=_ms((finished - graded) * per_image))
@@ -219,15 +228,6 @@ def _return_freed_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):   # not glibc (musl, macOS, Windows)
         pass
-
-
-def lesion_presence(lesion_logits: np.ndarray) -> list[dict]:
-    """[L, h, w] patch logits -> image-level presence per lesion type by global max pooling (CLPI, SiAN):
-    a lesion is in the image when it is in any patch."""
-    peak = lesion_logits.reshape(len(lesion_logits), -1).max(axis=1)
-    probability = 1.0 / (1.0 + np.exp(-peak))
-    return [{"code": lesion.code, "name": lesion.name, "probability": round(float(p), 4)}
-            for lesion, p in zip(LESIONS, probability)]
 
 
 def _ms(seconds: float) -> float:
