@@ -1,8 +1,9 @@
 """A per-image report card: photo, saliency overlay, grade probabilities, referral, quality, look-alikes.
 
-Drawn with OpenCV on a fixed canvas (no matplotlib on the device). Layout, left to right: the photo,
-the overlay (or why there is none), and a text panel; nearest bank cases below, with thumbnails when
-the caller has them (the bank stores embeddings, not pictures).
+Drawn with OpenCV on a fixed canvas (no matplotlib on the device). Layout, left to right: the photo
+(with the lesion regions boxed, one colour per type, and a legend, for lesion-head models), the overlay
+(or why there is none), and a text panel; nearest bank cases below, with thumbnails when the caller has
+them (the bank stores embeddings, not pictures).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Mapping
 import cv2
 import numpy as np
 
-from edgeretina.grades import NUM_GRADES, grade_name
+from edgeretina.grades import LESION_CODES, NUM_GRADES, grade_name
 from edgeretina.quality import REASON_TEXT
 from edgeretina.runtime.grader import GradedImage
 from edgeretina.runtime.overlay import render_overlay, write_png
@@ -34,6 +35,9 @@ REFERABLE_RED = (200, 40, 40)
 NEGATIVE_GREEN = (30, 140, 60)
 UNGRADABLE_AMBER = (200, 130, 0)
 BAR_BLUE = (60, 110, 200)
+# One colour per lesion type, chosen to stand out on the orange-red fundus and from each other (RGB).
+LESION_COLOURS = dict(zip(LESION_CODES, [(0, 200, 255), (255, 255, 0), (0, 255, 120), (255, 255, 255),
+                                          (255, 0, 255), (255, 140, 0)]))
 
 
 def render_card(graded: GradedImage, bank_thumbnails: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
@@ -47,6 +51,8 @@ def render_card(graded: GradedImage, bank_thumbnails: Mapping[str, np.ndarray] |
     top = MARGIN + 28
     left_photo, left_overlay, left_panel = MARGIN, 2 * MARGIN + TILE, 3 * MARGIN + 2 * TILE
     _tile(canvas, graded.image, left_photo, top, "no photo")
+    if graded.image is not None:
+        _lesion_marks(canvas, record.lesions, graded.image.shape[:2], left_photo, top)
     overlay = None
     if graded.image is not None and graded.saliency is not None and graded.geometry is not None:
         overlay = render_overlay(graded.image, graded.saliency, graded.geometry)
@@ -87,6 +93,48 @@ def quality_lines(quality: dict | None) -> list[str]:
     return lines
 
 
+def lesion_summary(lesions: list[dict] | None) -> str | None:
+    """The card's lesion line, e.g. "Lesions: HE 3, EX 2" (regions per type found, in LESIONS order);
+    None when the record has no lesion regions (no lesion head, or nothing above the threshold)."""
+    found = [f"{entry['code']} {entry['count']}" for entry in _with_regions(lesions)]
+    return "Lesions: " + ", ".join(found) if found else None
+
+
+def _with_regions(lesions: list[dict] | None) -> list[dict]:
+    """The lesion entries that have regions (records from before lesions.find_lesions have none)."""
+    return [entry for entry in lesions or [] if entry.get("regions")]
+
+
+def _lesion_marks(canvas: np.ndarray, lesions: list[dict] | None, photo_shape: tuple[int, int],
+                  x: int, y: int) -> None:
+    """Box each lesion region on the photo tile drawn at (x, y), and a legend (type, count) in the margin
+    under the tile, where it can hide no lesion. Boxes are in photo pixels (runtime/lesions.py); the tile
+    letterboxes the photo as _fit does."""
+    entries = _with_regions(lesions)
+    if not entries:
+        return
+    h, w = photo_shape
+    scale = TILE / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    left, top, sx, sy = x + (TILE - nw) // 2, y + (TILE - nh) // 2, nw / w, nh / h
+    for entry in entries:
+        colour = LESION_COLOURS.get(entry["code"], INK)
+        for region in entry["regions"]:
+            x0, y0, x1, y1 = region["box"]
+            p0 = (left + int(np.floor(x0 * sx)), top + int(np.floor(y0 * sy)))
+            p1 = (max(p0[0] + 2, left + int(np.ceil(x1 * sx)) - 1), max(p0[1] + 2, top + int(np.ceil(y1 * sy)) - 1))
+            cv2.rectangle(canvas, p0, p1, colour, 1)      # axis-aligned: crisp, no anti-aliasing needed
+    legend = y + TILE + 4                          # the margin between the tiles and the nearest cases
+    cursor = x
+    for entry in entries:
+        label = f"{entry['code']} {entry['count']}"
+        colour = LESION_COLOURS.get(entry["code"], INK)
+        cv2.rectangle(canvas, (cursor, legend), (cursor + 9, legend + 9), colour, -1)
+        cv2.rectangle(canvas, (cursor, legend), (cursor + 9, legend + 9), MUTED, 1)   # white CWS on white
+        _text(canvas, label, (cursor + 14, legend + 10), 0.42, INK, 1)
+        cursor += 14 + cv2.getTextSize(label, FONT, 0.42, 1)[0][0] + 12
+
+
 def _panel(canvas: np.ndarray, graded: GradedImage, x: int, y: int) -> None:
     record = graded.record
     if record.error and record.grade is None:
@@ -104,6 +152,9 @@ def _panel(canvas: np.ndarray, graded: GradedImage, x: int, y: int) -> None:
     _text(canvas, f"P(referable) = {record.referable_probability:.2f}", (x, y + 50), 0.55, INK, 1)
     _text(canvas, f"grade {record.grade}: {record.grade_name}", (x, y + 78), 0.55, INK, 2)
     y = _probability_bars(canvas, record.probabilities or [], record.grade, x, y + 96)
+    lesions = lesion_summary(record.lesions)
+    if lesions:
+        y = _wrapped(canvas, lesions, x, y + 16, INK) - 10
     _quality(canvas, record.quality, x, y + 10)
 
 
