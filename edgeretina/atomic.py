@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes, mode: int | None = None) -> Path:
-    """mode: the file's permission bits from the moment it exists (e.g. 0o600 for a private key)."""
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object], mode: int | None = None) -> Path:
+    """Run `write(fh)` on a temporary binary file beside `path`, then rename it into place: a writer that
+    streams (torch.save) needs no copy of the whole content in memory. On any error the temporary goes.
+    mode: the file's permission bits from the moment it exists (e.g. 0o600 for a private key)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with _create(tmp, mode) as fh:
-            fh.write(data)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -22,6 +25,11 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes, mode: int | None = 
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, mode: int | None = None) -> Path:
+    """mode: the file's permission bits from the moment it exists (e.g. 0o600 for a private key)."""
+    return write_atomic(path, lambda fh: fh.write(data), mode)
 
 
 def _create(tmp: Path, mode: int | None):

@@ -25,6 +25,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def torch_threads_restored():
+    """For a test that sets torch's process-wide thread count itself (train() puts the caller's back on its
+    own): later tests get theirs back."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def phantom_train(tmp_path_factory):
     from edgeretina.phantom import PhantomConfig, generate_dataset

@@ -24,13 +24,6 @@ TINY_VIT = ModelConfig(backbone=BackboneConfig(name="edgeretina-tiny-vit", image
 SEED = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _torch_threads_restored():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def phantom24(tmp_path_factory):
     from edgeretina.phantom import PhantomConfig, generate_dataset
@@ -207,7 +200,7 @@ def test_the_stage_lowers_its_loss_and_reencodes_the_prototypes(pretrained_run):
     assert not any("does not reproduce" in line for line in lines)
 
 
-def test_the_reencoded_prototypes_come_from_the_adapted_text_tower(phantom24):
+def test_the_reencoded_prototypes_come_from_the_adapted_text_tower(phantom24, torch_threads_restored):
     """The stage alone, on a model built as the loop builds it: it changes the image tower and writes the
     adapted text tower's encoding of the prompts into the prototypes."""
     from edgeretina.preprocess import PreprocessConfig

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from edgeretina.dataset import read_labels
 from edgeretina.training.checkpoint import load_checkpoint
@@ -29,13 +28,6 @@ from edgeretina.training.distributed import DistributedContext, init_from_env, l
 
 REPO = Path(__file__).resolve().parent.parent
 COMMON = ["--image-size", "64", "--epochs", "2", "--threads", "1", "--batch-size", "10", "--precision", "fp32"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _torch_threads_restored():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

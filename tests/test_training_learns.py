@@ -34,7 +34,7 @@ with less margin (QWK@0 0.54-0.84, AUC 0.87-1.0). One run of the test's settings
 alone, 12-14 s with the other agents' load on both cores.
 
 The other tests reuse the same photographs and tower (fewer epochs); everything trains with threads=1,
-and the module puts torch's thread count back afterwards.
+and train() puts the caller's thread count back.
 """
 
 from __future__ import annotations
@@ -62,14 +62,6 @@ N_TRAIN, N_HELDOUT = 96, 48
 
 def _quiet(_message: str) -> None:
     pass
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _torch_threads_restored():
-    """train(threads=1) sets torch's process-wide thread count; later test modules get theirs back."""
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -25,13 +25,6 @@ from edgeretina.training.resume import resume_path
 MODEL = ModelConfig(backbone=BackboneConfig(name="edgeretina-tiny-rn", image_size=64))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _torch_threads_restored():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def phantom40(tmp_path_factory):
     from edgeretina.phantom import PhantomConfig, generate_dataset
@@ -211,6 +204,31 @@ def test_resuming_with_other_settings_is_refused(phantom40, tmp_path):
     from edgeretina.errors import CheckpointError
     with pytest.raises(CheckpointError, match="resume file not found"):
         _train(dataclasses.replace(config, resume=tmp_path / "nothing.resume.pt"))
+
+
+def test_a_resume_file_older_than_a_setting_resumes_at_its_default_and_refuses_a_change(tmp_path):
+    """A file written before contrastive_epochs / contrastive_lr / augmentation.gamma existed lacks them:
+    the run it records behaved as their defaults, so only a changed value is a mismatch."""
+    from edgeretina.training.resume import ResumeState, load_resume_state, run_fingerprint, save_resume_state
+
+    def fingerprint(config):
+        return run_fingerprint(config, ["a", "b"], ["c"], [0, 2], [1], world_size=1, cached=False)
+
+    config = _config(tmp_path / "labels.csv", tmp_path / "c.pt")
+    old = fingerprint(config)
+    del old["defaults"], old["settings"]["contrastive_epochs"], old["settings"]["contrastive_lr"]
+    del old["settings"]["augmentation"]["gamma"]
+    path = save_resume_state(tmp_path / "c.resume.pt", ResumeState(
+        epoch=1, model={}, optimizer={}, scheduler={}, scaler=None, best_qwk=0.5, best_epoch=1, best_state=None,
+        history=[], stopping_best=0.5, epochs_without_improvement=0, planned_epochs=3, elapsed_seconds=1.0,
+        rng={}, sampler={}, fingerprint=old))
+    assert load_resume_state(path, fingerprint(config)).epoch == 1
+    for changed, message in [(dict(contrastive_epochs=1), r"contrastive_epochs: None then, 1 now"),
+                             (dict(contrastive_lr=3e-5), r"contrastive_lr: None then, 3e-05 now"),
+                             (dict(augmentation=dataclasses.replace(config.augmentation, gamma=0.3)),
+                              r"augmentation: \{.*\} then")]:
+        with pytest.raises(ConfigError, match=message):
+            load_resume_state(path, fingerprint(dataclasses.replace(config, **changed)))
 
 
 def test_same_seed_gives_the_same_weights_and_another_seed_other_weights(uninterrupted, phantom40, tmp_path):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from edgeretina.dataset import IMAGE_SUFFIXES, LabeledImage, Skipped, column_key
 from edgeretina.errors import DatasetError
@@ -91,6 +92,20 @@ def require_columns(table: Table, expected: Sequence[str | tuple[str, ...]], lay
         raise DatasetError(f"{table.path}: not a {layout} labels file: missing column(s) {', '.join(missing)} "
                            f"(expected columns: {expected_text}; found: {', '.join(table.columns) or 'none'})")
     return found
+
+
+def read_columns(path: Path, expected: Sequence[str | tuple[str, ...]], layout: str) -> tuple[Table, dict[str, str]]:
+    """read_table, then require_columns: the table and its spelling of each expected column."""
+    table = read_table(path)
+    return table, require_columns(table, expected, layout)
+
+
+def read_each(paths: Iterable[Path], read_one: Callable[[Path, bool], ReadResult], check_files: bool) -> ReadResult:
+    """One result for a layout that spreads its labels over several files (training / testing CSVs)."""
+    result = ReadResult()
+    for path in paths:
+        result.extend(read_one(path, check_files))
+    return result
 
 
 def parse_grade(text: str, *, ungradable: int | None = None) -> int | str:
@@ -198,6 +213,40 @@ def find_or_skip(result: ReadResult, finder: ImageFinder, name: str, where: str)
     if path is None:
         result.skip(where, IMAGE_NOT_FOUND, str(finder.expected(name)))
     return path
+
+
+class LabeledRow(NamedTuple):
+    """A table row that names a grade and an image that was found."""
+
+    row: dict[str, str]
+    grade: int
+    name: str
+    image: Path
+
+
+def labeled_rows(result: ReadResult, table: Table, name_column: str, grade_column: str, finder: ImageFinder, *,
+                 layout: str, ungradable: int | None = None,
+                 excluded: Callable[[dict[str, str]], str | None] | None = None) -> Iterator[LabeledRow]:
+    """The rows of a one-image-a-row table that a reader can use; every other row is recorded in `result`.
+
+    Checks in this order, the first failure being the row's one reason: `excluded(row)` (a reason, or
+    None to keep the row), the grade (grade_or_skip), a non-empty image name, the image (find_or_skip)."""
+    for line, row in table.rows:
+        where = f"{table.path}:{line}"
+        reason = excluded(row) if excluded is not None else None
+        if reason is not None:
+            result.skip(where, reason)
+            continue
+        grade = grade_or_skip(result, where, row[grade_column], layout=layout, ungradable=ungradable)
+        if grade is None:
+            continue
+        name = row[name_column]
+        if not name:
+            result.skip(where, "no image name")
+            continue
+        image = find_or_skip(result, finder, name, where)
+        if image is not None:
+            yield LabeledRow(row, grade, name, image)
 
 
 def labels_file(path: Path, names: Sequence[str], layout: str, expected: str) -> Path:

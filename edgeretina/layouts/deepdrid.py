@@ -24,8 +24,8 @@ from pathlib import Path
 
 from edgeretina.dataset import LabeledImage
 from edgeretina.errors import DatasetError
-from edgeretina.layouts.common import (IMAGE_NOT_FOUND, ImageFinder, ReadResult, Table, grade_or_skip, read_table,
-                                       require_columns)
+from edgeretina.layouts.common import (IMAGE_NOT_FOUND, ImageFinder, ReadResult, Table, grade_or_skip, read_columns,
+                                       read_each, read_table)
 
 EYE_COLUMNS = {"l": "left_eye_DR_Level", "r": "right_eye_DR_Level"}
 COLUMNS = ("patient_id", "image_id", *EYE_COLUMNS.values())
@@ -36,10 +36,7 @@ _EYE = re.compile(r"_(?P<eye>[lr])\d*$", re.IGNORECASE)
 
 
 def read_deepdrid(path: Path, *, check_files: bool = True) -> ReadResult:
-    result = ReadResult()
-    for csv_path in _label_files(path):
-        result.extend(_read_csv(csv_path, check_files))
-    return result
+    return read_each(_label_files(path), _read_csv, check_files)
 
 
 def _label_files(path: Path) -> list[Path]:
@@ -67,8 +64,7 @@ def _sites(csv_path: Path) -> dict[str, str]:
 
 
 def _read_csv(csv_path: Path, check_files: bool) -> ReadResult:
-    table = read_table(csv_path)
-    columns = require_columns(table, COLUMNS, "DeepDRiD regular fundus")
+    table, columns = read_columns(csv_path, COLUMNS, "DeepDRiD regular fundus")
     split = "validation" if "validation" in csv_path.stem.lower() else "training"
     sites = _sites(csv_path)
     images = csv_path.parent / "Images"

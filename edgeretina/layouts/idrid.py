@@ -18,8 +18,7 @@ from pathlib import Path
 
 from edgeretina.dataset import LabeledImage
 from edgeretina.errors import DatasetError
-from edgeretina.layouts.common import (ImageFinder, ReadResult, find_or_skip, grade_or_skip, read_table,
-                                       require_columns)
+from edgeretina.layouts.common import ImageFinder, ReadResult, labeled_rows, read_columns, read_each
 
 GRADING = "B. Disease Grading"
 COLUMNS = ("Image name", "Retinopathy grade", "Risk of macular edema")
@@ -27,10 +26,7 @@ IMAGE_SETS = {"train": "a. Training Set", "test": "b. Testing Set"}
 
 
 def read_idrid(path: Path, *, check_files: bool = True) -> ReadResult:
-    result = ReadResult()
-    for csv_path in _label_files(path):
-        result.extend(_read_csv(csv_path, check_files))
-    return result
+    return read_each(_label_files(path), _read_csv, check_files)
 
 
 def _label_files(path: Path) -> list[Path]:
@@ -57,23 +53,13 @@ def _image_folders(csv_path: Path, split: str) -> list[Path]:
 
 
 def _read_csv(csv_path: Path, check_files: bool) -> ReadResult:
-    table = read_table(csv_path)
-    columns = require_columns(table, COLUMNS, "IDRiD disease grading")
+    table, columns = read_columns(csv_path, COLUMNS, "IDRiD disease grading")
     split = _split_of(csv_path)
     finder = ImageFinder(_image_folders(csv_path, split), ".jpg", check_files)
     result = ReadResult()
-    for line, row in table.rows:
-        where = f"{csv_path}:{line}"
-        name = row[columns["Image name"]]
-        grade = grade_or_skip(result, where, row[columns["Retinopathy grade"]], layout="IDRiD")
-        if grade is None:
-            continue
-        if not name:
-            result.skip(where, "no image name")
-            continue
-        image = find_or_skip(result, finder, name, where)
-        if image is not None:
-            extra = {"dme_risk": row[columns["Risk of macular edema"]], "split": split}
-            result.items.append(LabeledImage(path=image, case_id=f"{split}/{Path(name).stem}", grade=grade,
-                                             extra=extra, source="idrid"))
+    for row, grade, name, image in labeled_rows(result, table, columns["Image name"], columns["Retinopathy grade"],
+                                                finder, layout="IDRiD"):
+        extra = {"dme_risk": row[columns["Risk of macular edema"]], "split": split}
+        result.items.append(LabeledImage(path=image, case_id=f"{split}/{Path(name).stem}", grade=grade,
+                                         extra=extra, source="idrid"))
     return result

@@ -25,8 +25,7 @@ import re
 from pathlib import Path
 
 from edgeretina.dataset import LabeledImage
-from edgeretina.layouts.common import (ImageFinder, ReadResult, find_or_skip, grade_or_skip, labels_file,
-                                       read_table, require_columns)
+from edgeretina.layouts.common import ImageFinder, ReadResult, labeled_rows, labels_file, read_columns
 
 APTOS_COLUMNS = ("id_code", "diagnosis")
 EYEPACS_COLUMNS = ("image", "level")
@@ -35,44 +34,28 @@ _EYEPACS_EYE = re.compile(r"^(?P<patient>.+)_(?P<eye>left|right)$", re.IGNORECAS
 
 def read_aptos(path: Path, *, check_files: bool = True) -> ReadResult:
     csv_path = labels_file(path, ["train.csv"], "APTOS 2019", "train.csv (id_code,diagnosis) and train_images/")
-    table = read_table(csv_path)
-    columns = require_columns(table, APTOS_COLUMNS, "APTOS 2019")
-    folder = csv_path.parent
+    table, columns = read_columns(csv_path, APTOS_COLUMNS, "APTOS 2019")
     names = [f"{csv_path.stem}_images", "val_images" if csv_path.stem.startswith("val") else None,
              "train_images", "images", "."]
-    finder = ImageFinder([folder / n for n in names if n], ".png", check_files)
+    finder = ImageFinder([csv_path.parent / n for n in names if n], ".png", check_files)
     result = ReadResult()
-    for line, row in table.rows:
-        where = f"{csv_path}:{line}"
-        image_id = row[columns["id_code"]]
-        grade = grade_or_skip(result, where, row[columns["diagnosis"]], layout="APTOS")
-        if grade is None or not _named(result, where, image_id):
-            continue
-        image = find_or_skip(result, finder, image_id, where)
-        if image is not None:
-            result.items.append(LabeledImage(path=image, case_id=Path(image_id).stem, grade=grade, source="aptos"))
+    for _, grade, image_id, image in labeled_rows(result, table, columns["id_code"], columns["diagnosis"], finder,
+                                                  layout="APTOS"):
+        result.items.append(LabeledImage(path=image, case_id=Path(image_id).stem, grade=grade, source="aptos"))
     return result
 
 
 def read_eyepacs(path: Path, *, check_files: bool = True) -> ReadResult:
     csv_path = labels_file(path, ["trainLabels.csv"], "EyePACS", "trainLabels.csv (image,level) and train/")
-    table = read_table(csv_path)
-    columns = require_columns(table, EYEPACS_COLUMNS, "EyePACS")
+    table, columns = read_columns(csv_path, EYEPACS_COLUMNS, "EyePACS")
     folder = csv_path.parent
     first = "train" if csv_path.stem.lower().startswith("train") else "test"
     finder = ImageFinder([folder / first, folder / ("test" if first == "train" else "train"), folder],
                          ".jpeg", check_files)
     usage = table.column("Usage")
     result = ReadResult()
-    for line, row in table.rows:
-        where = f"{csv_path}:{line}"
-        image_id = row[columns["image"]]
-        grade = grade_or_skip(result, where, row[columns["level"]], layout="EyePACS")
-        if grade is None or not _named(result, where, image_id):
-            continue
-        image = find_or_skip(result, finder, image_id, where)
-        if image is None:
-            continue
+    for row, grade, image_id, image in labeled_rows(result, table, columns["image"], columns["level"], finder,
+                                                    layout="EyePACS"):
         stem = Path(image_id).stem if Path(image_id).suffix.lower() in (".jpeg", ".jpg", ".png") else image_id
         eye = _EYEPACS_EYE.match(stem)
         extra = {"eye": eye["eye"].lower()} if eye else {}
@@ -81,9 +64,3 @@ def read_eyepacs(path: Path, *, check_files: bool = True) -> ReadResult:
         result.items.append(LabeledImage(path=image, case_id=stem, grade=grade, extra=extra,
                                          patient=eye["patient"] if eye else None, source="eyepacs"))
     return result
-
-
-def _named(result: ReadResult, where: str, image_id: str) -> bool:
-    if not image_id:
-        result.skip(where, "no image name")
-    return bool(image_id)

@@ -15,8 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgeretina.dataset import LabeledImage
-from edgeretina.layouts.common import (ImageFinder, ReadResult, find_or_skip, grade_or_skip, labels_file,
-                                       read_table, require_columns)
+from edgeretina.layouts.common import ImageFinder, ReadResult, labeled_rows, labels_file, read_columns
 
 COLUMNS = (("image_id", "id_code"), ("adjudicated_dr_grade", "diagnosis"), "adjudicated_gradable")
 IMAGE_FOLDERS = ("IMAGES", "images", "messidor-2/preprocess", "preprocess", "messidor-2", ".")
@@ -26,28 +25,19 @@ def read_messidor2(path: Path, *, check_files: bool = True) -> ReadResult:
     csv_path = labels_file(path, ["messidor_data.csv", "messidor-2.csv"], "Messidor-2",
                            "messidor_data.csv (image_id,adjudicated_dr_grade,adjudicated_dme,"
                            "adjudicated_gradable) and IMAGES/")
-    table = read_table(csv_path)
-    columns = require_columns(table, COLUMNS, "Messidor-2 (Krause et al.)")
+    table, columns = read_columns(csv_path, COLUMNS, "Messidor-2 (Krause et al.)")
     dme = table.column("adjudicated_dme")
     finder = ImageFinder([csv_path.parent / f for f in IMAGE_FOLDERS], ".png", check_files)
     result = ReadResult()
-    for line, row in table.rows:
-        where = f"{csv_path}:{line}"
-        gradable = row[columns["adjudicated_gradable"]]
-        if gradable in ("0", "0.0"):
-            result.skip(where, "ungradable (Messidor-2 adjudicated_gradable 0)")
-            continue
-        grade = grade_or_skip(result, where, row[columns["adjudicated_dr_grade"]],
-                              layout="Messidor-2")
-        name = row[columns["image_id"]]
-        if grade is None:
-            continue
-        if not name:
-            result.skip(where, "no image name")
-            continue
-        image = find_or_skip(result, finder, name, where)
-        if image is not None:
-            extra = {"adjudicated_dme": row[dme]} if dme else {}
-            result.items.append(LabeledImage(path=image, case_id=Path(name).stem, grade=grade, extra=extra,
-                                             source="messidor2"))
+    for row, grade, name, image in labeled_rows(result, table, columns["image_id"], columns["adjudicated_dr_grade"],
+                                                finder, layout="Messidor-2",
+                                                excluded=lambda row: _ungradable(row[columns["adjudicated_gradable"]])):
+        extra = {"adjudicated_dme": row[dme]} if dme else {}
+        result.items.append(LabeledImage(path=image, case_id=Path(name).stem, grade=grade, extra=extra,
+                                         source="messidor2"))
     return result
+
+
+def _ungradable(gradable: str) -> str | None:
+    """Adjudicated ungradable photographs carry no grade: excluded, with this reason."""
+    return "ungradable (Messidor-2 adjudicated_gradable 0)" if gradable in ("0", "0.0") else None

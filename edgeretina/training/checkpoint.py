@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from edgeretina import __version__
+from edgeretina.atomic import write_atomic
 from edgeretina.errors import CheckpointError
 from edgeretina.grades import GradingConfig
 from edgeretina.preprocess import PreprocessConfig
@@ -62,8 +63,6 @@ class Checkpoint:
 
 
 def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "edgeretina_version": __version__,
         "model_config": ckpt.model_config.to_dict(),
@@ -73,24 +72,40 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> Path:
         "bank": ckpt.bank.to_state() if ckpt.bank is not None else None,
         "summary": ckpt.summary,
     }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    return torch_save_atomic(path, payload)
+
+
+def torch_save_atomic(path: str | os.PathLike, payload: Any) -> Path:
+    """torch.save to `path` atomically (a temporary beside it, renamed into place): an interrupted save
+    leaves the previous file, never half of one. Creates the parent folder. Used by checkpoints and
+    resume files."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_atomic(path, lambda fh: torch.save(payload, fh))
+
+
+def load_torch_payload(path: str | os.PathLike, file_format: str, version: int, kind: str) -> dict[str, Any]:
+    """The dict a torch_save_atomic call wrote, read with weights_only=True (no arbitrary unpickling).
+
+    Raises CheckpointError, naming the file as a `kind` ("checkpoint"), when it is missing, unreadable, of
+    another format or of another format version."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{kind} not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file; report them as one
+        raise CheckpointError(f"{path} is not a readable edgeretina {kind}: {exc}") from None
+    if not isinstance(payload, dict) or payload.get("format") != file_format:
+        raise CheckpointError(f"{path} is not an edgeretina {kind}")
+    if payload.get("format_version") != version:
+        raise CheckpointError(f"{path}: unsupported {kind} format version {payload.get('format_version')}")
+    return payload
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad file; report them as one
-        raise CheckpointError(f"{path} is not a readable edgeretina checkpoint: {exc}") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an edgeretina checkpoint")
-    if payload.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: unsupported checkpoint format version {payload.get('format_version')}")
+    payload = load_torch_payload(path, FORMAT, FORMAT_VERSION, "checkpoint")
     with torch.random.fork_rng(devices=[]):     # the random init it is about to overwrite draws from torch's RNG
         model = GraderModel(ModelConfig.from_dict(payload["model_config"]), for_checkpoint=True)
     try:

@@ -10,7 +10,9 @@ augmentation draws, the same weights. Only tensors and plain containers are stor
 
 A fingerprint of everything that shapes the run (model, data, schedule, sampler, losses, augmentation,
 number of processes) is stored too; resuming with different settings is refused (ConfigError), naming
-what differs. The resume file is removed once the final checkpoint is written.
+what differs. A setting newer than the file (absent from its fingerprint) matches when the resumed run keeps
+its default, so files of older versions resume. The resume file is removed once the final checkpoint is
+written.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from typing import Any
 import torch
 
 from edgeretina import __version__
-from edgeretina.errors import CheckpointError, ConfigError
+from edgeretina.errors import ConfigError
+from edgeretina.training.checkpoint import load_torch_payload, torch_save_atomic
 
 FORMAT = "edgeretina-resume"
 FORMAT_VERSION = 1
@@ -66,26 +69,37 @@ class ResumeState:
 
 def run_fingerprint(config: Any, train_ids: list[str], val_ids: list[str], train_grades, val_grades,
                     world_size: int, cached: bool) -> dict[str, Any]:
-    """What must be equal for a resumed run to continue the interrupted one (JSON-able)."""
+    """What must be equal for a resumed run to continue the interrupted one (JSON-able).
+
+    "defaults" holds this code's default of every setting: a resume file written before a setting existed
+    lacks it, and the run it records behaved as that default does. Only the current run's defaults are
+    read (a file's own are ignored)."""
     settings = {k: v for k, v in _plain(dataclasses.asdict(config)).items() if k not in _MAY_CHANGE}
     data = hashlib.sha256(json.dumps([train_ids, [int(g) for g in train_grades], val_ids,
                                       [int(g) for g in val_grades]]).encode()).hexdigest()
-    return {"settings": settings, "data_sha256": data, "world_size": int(world_size), "feature_cache": bool(cached)}
+    return {"settings": settings, "defaults": _defaults(type(config)), "data_sha256": data,
+            "world_size": int(world_size), "feature_cache": bool(cached)}
+
+
+def _defaults(config_type: type) -> dict[str, Any]:
+    """Each setting's default, JSON-comparable like the settings (nested configs as dicts); a required
+    setting has none."""
+    out = {}
+    for f in dataclasses.fields(config_type):
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            continue
+        out[f.name] = _plain(dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value)
+    return out
 
 
 def save_resume_state(path: str | os.PathLike, state: ResumeState) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "edgeretina_version": __version__,
                **{f.name: getattr(state, f.name) for f in dataclasses.fields(state)}}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return torch_save_atomic(path, payload)
 
 
 def load_resume_state(path: str | os.PathLike, fingerprint: dict[str, Any]) -> ResumeState:
@@ -94,16 +108,7 @@ def load_resume_state(path: str | os.PathLike, fingerprint: dict[str, Any]) -> R
     Raises CheckpointError for a missing or unreadable file or another format, ConfigError when the
     run's settings, data or process count differ from the interrupted run's."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"resume file not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad file; report them as one
-        raise CheckpointError(f"{path} is not a readable resume file: {exc}") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an edgeretina resume file")
-    if payload.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: unsupported resume format version {payload.get('format_version')}")
+    payload = load_torch_payload(path, FORMAT, FORMAT_VERSION, "resume file")
     differences = _differences(payload.get("fingerprint", {}), fingerprint)
     if differences:
         raise ConfigError(f"{path} was written by a run with other settings ({'; '.join(differences)}): "
@@ -114,8 +119,9 @@ def load_resume_state(path: str | os.PathLike, fingerprint: dict[str, Any]) -> R
 def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     out = []
     saved_settings, current_settings = saved.get("settings", {}), current.get("settings", {})
+    defaults = current.get("defaults", {})
     for key in sorted(set(saved_settings) | set(current_settings)):
-        if saved_settings.get(key) != current_settings.get(key):
+        if not _same_setting(saved_settings, current_settings, defaults, key):
             out.append(f"{key}: {saved_settings.get(key)!r} then, {current_settings.get(key)!r} now")
     if saved.get("data_sha256") != current.get("data_sha256"):
         out.append("the training or validation images differ")
@@ -123,6 +129,18 @@ def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
         if saved.get(key) != current.get(key):
             out.append(f"{key}: {saved.get(key)!r} then, {current.get(key)!r} now")
     return out
+
+
+def _same_setting(saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any], key: str) -> bool:
+    """Equal, where a setting the saved run did not know yet (absent there, at any depth of a nested config)
+    equals its default: the file predates the setting, and the run uses the behaviour it had then."""
+    if key not in saved:
+        return key in defaults and current[key] == defaults[key]
+    then, now, default = saved[key], current.get(key), defaults.get(key)
+    if isinstance(then, dict) and isinstance(now, dict):
+        nested = default if isinstance(default, dict) else {}
+        return all(_same_setting(then, now, nested, k) for k in set(then) | set(now))
+    return then == now
 
 
 def _plain(value: Any) -> Any:
