@@ -140,3 +140,8 @@ def test_gated_training_learns_the_shallow_head_and_exports(phantom_train, phant
     expected = ckpt.model(x)["saliency"].detach().numpy()
     got = create_runner("onnxruntime", bundle / "model.onnx").run(x.numpy())["saliency"]
     np.testing.assert_allclose(got, expected, atol=2e-4)
+    # INT8 finds the backbone by its ONNX scope: the gated forward must keep it
+    int8 = export(ExportConfig(checkpoint=result.checkpoint, out=tmp_path / "b8", target="cpu",
+                               reference_images=phantom_test, reference_count=4, calibration_count=8, gate="warn"),
+                  log=lambda _: None)
+    assert load_bundle(int8).manifest.artifact("model").precision.startswith("int8")

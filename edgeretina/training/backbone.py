@@ -91,14 +91,15 @@ class VisionBackbone(nn.Module):
     def num_tokens(self) -> int:
         return self.grid_size[0] * self.grid_size[1]
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, shallow: bool = False) -> tuple[torch.Tensor, ...]:
+        """(pooled, tokens), or with shallow (pooled, tokens, shallow tokens [B, h*w, shallow_dim]) in one
+        pass; ConfigError for shallow on a tower without a shallow path. Always called as the module (never
+        adapter methods directly), so exported graphs keep the backbone's scope for the INT8 steps."""
+        if shallow:
+            return self.adapter.forward_layers(self.visual, images)
         return self.adapter.forward(self.visual, images)
 
     @property
     def shallow_dim(self) -> int:
-        """Channels of forward_layers' shallow tokens (0: this tower has no shallow path)."""
+        """Channels of the shallow tokens (0: this tower has no shallow path)."""
         return self.adapter.shallow_dim
-
-    def forward_layers(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(pooled, tokens, shallow [B, h*w, shallow_dim]) in one pass; ConfigError without a shallow path."""
-        return self.adapter.forward_layers(self.visual, images)

@@ -142,7 +142,7 @@ class GraderModel(nn.Module):
     def forward_features(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The backbone alone: (pooled [B, D], tokens [B, h*w, D]), and the shallow layer's tokens
         [B, h*w, C] third with gated saliency; what the frozen-backbone cache keeps."""
-        return self.backbone.forward_layers(images) if self.shallow_head is not None else self.backbone(images)
+        return self.backbone(images, shallow=self.shallow_head is not None)
 
     def forward_heads(self, pooled: torch.Tensor, tokens: torch.Tensor, shallow: torch.Tensor | None = None,
                       field: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
