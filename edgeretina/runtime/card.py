@@ -196,7 +196,7 @@ def _neighbors(canvas: np.ndarray, neighbors: list[dict], thumbnails: Mapping[st
         if thumb is not None:
             canvas[y + 4:y + 4 + THUMB, left:left + THUMB] = _fit(thumb, THUMB)
             text_left = left + THUMB + 6
-        _text(canvas, str(n["case_id"])[-18:], (text_left, y + 24), 0.4, INK, 1)
+        _text(canvas, _tail(str(n["case_id"]), 18), (text_left, y + 24), 0.4, INK, 1)
         _text(canvas, f"grade {n['grade']}", (text_left, y + 44), 0.4, INK, 1)
         _text(canvas, f"sim {n['similarity']:.3f}", (text_left, y + 64), 0.4, MUTED, 1)
 
@@ -207,6 +207,11 @@ def _tile(canvas: np.ndarray, rgb: np.ndarray | None, x: int, y: int, missing: s
         _text(canvas, missing, (x + 20, y + TILE // 2), 0.6, MUTED, 1)
         return
     canvas[y:y + TILE, x:x + TILE] = _fit(rgb, TILE)
+
+
+def _tail(text: str, width: int) -> str:
+    """The text, or its distinguishing end after '..' when longer than width (case ids differ at the end)."""
+    return text if len(text) <= width else ".." + text[-(width - 2):]
 
 
 def _fit(rgb: np.ndarray, side: int) -> np.ndarray:
