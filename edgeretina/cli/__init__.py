@@ -20,8 +20,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 
 def _register() -> None:
-    from edgeretina.cli import (bank, bench, build_engine, calibrate, demo, evaluate, explain, export, grade,  # noqa: F401
-                                info, sign, synth, train, verify, watch)  # (commands register themselves)
+    from edgeretina.cli import (bank, bench, build_engine, calibrate, demo, evaluate, evaluate_saliency,  # noqa: F401
+                                explain, export, grade, info, sign, synth, train, verify, watch)  # (commands register themselves)
 
 
 def _version(value: bool) -> None:
