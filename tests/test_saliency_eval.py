@@ -379,3 +379,31 @@ def test_images_the_quality_gate_refuses_are_counted_not_scored(model, phantom_t
     report, _ = saliency.evaluate_saliency(config, log=lambda _: None)
     assert report["n_images"] == 1 and report["methods"]["saliency"]["n_images"] == 1
     assert report["excluded"] == {"ungradable (quality gate)": 1, "unreadable": 1}
+
+
+def test_a_gated_checkpoint_scores_its_deep_map_beside_the_gated_one(phantom_test, tiny_checkpoint, tmp_path):
+    import torch
+
+    from edgeretina.grades import GradingConfig
+    from edgeretina.preprocess import PreprocessConfig
+    from edgeretina.training.backbone import BackboneConfig
+    from edgeretina.training.checkpoint import Checkpoint, save_checkpoint
+    from edgeretina.training.model import GraderModel, ModelConfig
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = GraderModel(ModelConfig(backbone=BackboneConfig(image_size=64), saliency="gated")).eval()
+    preprocess = PreprocessConfig(image_size=64, mean=tuple(model.backbone.mean), std=tuple(model.backbone.std))
+    gated = save_checkpoint(tmp_path / "gated.pt", Checkpoint(model=model, preprocess=preprocess,
+                                                              grading=GradingConfig(), bank=None))
+    reports = {}
+    for name, target in (("gated", gated), ("deep", tiny_checkpoint.checkpoint)):
+        config = saliency.SaliencyEvalConfig(target=target, data=(f"phantom:{phantom_test.parent}",),
+                                             out=tmp_path / name, methods=("saliency", "saliency-deep"), limit=3,
+                                             n_bootstrap=100, examples=0)
+        reports[name], _ = saliency.evaluate_saliency(config, log=lambda _: None)
+    deep_map, gated_map = (reports["gated"]["methods"][m] for m in ("saliency-deep", "saliency"))
+    assert deep_map["available"] and deep_map["n_images"] == 3
+    assert deep_map["edge_ring_mass"]["estimate"] != gated_map["edge_ring_mass"]["estimate"]
+    skipped = reports["deep"]["methods"]["saliency-deep"]
+    assert not skipped["available"] and "deep map already" in skipped["reason"]
