@@ -96,6 +96,9 @@ class GradingConfig:
     target_sensitivity: the referable sensitivity referable_threshold was chosen for on held-out cases
         (training/calibration.py), None when it is the plain 0.5.
     prototype_temperature: softmax temperature of the prototype logits (text-prototype grade probabilities).
+    lesion_thresholds: per lesion type (LESION_CODES order), the image-level presence probability at which
+        the type counts as present, fitted for F1 on held-out cases (training/calibration.py); None when
+        every type uses the plain 0.5 (no lesion head, or not fitted).
     """
 
     thresholds: tuple[float, ...] = (0.0,) * (NUM_GRADES - 1)
@@ -104,6 +107,7 @@ class GradingConfig:
     referable_threshold: float = 0.5
     target_sensitivity: float | None = None
     prototype_temperature: float = 1.0
+    lesion_thresholds: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if len(self.thresholds) != NUM_GRADES - 1:
@@ -118,27 +122,37 @@ class GradingConfig:
             raise ValueError("referable_threshold must lie strictly between 0 and 1")
         if self.target_sensitivity is not None and not 0.0 < self.target_sensitivity < 1.0:
             raise ValueError("target_sensitivity must be None or lie strictly between 0 and 1")
+        if self.lesion_thresholds is not None:
+            if len(self.lesion_thresholds) != len(LESION_CODES):
+                raise ValueError(f"need {len(LESION_CODES)} lesion thresholds ({', '.join(LESION_CODES)}), "
+                                 f"got {len(self.lesion_thresholds)}")
+            if not all(0.0 < t < 1.0 for t in self.lesion_thresholds):
+                raise ValueError(f"lesion thresholds must lie strictly between 0 and 1, got {self.lesion_thresholds}")
 
     def to_dict(self) -> dict:
         return {"scale": "ICDR", "num_grades": NUM_GRADES, "thresholds": [float(t) for t in self.thresholds],
                 "temperature": float(self.temperature), "referable_min_grade": self.referable_min_grade,
                 "referable_threshold": float(self.referable_threshold),
                 "target_sensitivity": None if self.target_sensitivity is None else float(self.target_sensitivity),
-                "prototype_temperature": float(self.prototype_temperature)}
+                "prototype_temperature": float(self.prototype_temperature),
+                "lesion_thresholds": (None if self.lesion_thresholds is None
+                                      else [float(t) for t in self.lesion_thresholds])}
 
     @classmethod
     def from_dict(cls, data: dict) -> "GradingConfig":
-        """Reads manifests and checkpoints written before target_sensitivity and prototype_temperature
-        existed (they take their defaults)."""
+        """Reads manifests and checkpoints written before target_sensitivity, prototype_temperature and
+        lesion_thresholds existed (they take their defaults)."""
         if data.get("scale", "ICDR") != "ICDR" or data.get("num_grades", NUM_GRADES) != NUM_GRADES:
             raise ValueError(f"unsupported grading scale {data.get('scale')!r} with {data.get('num_grades')} grades")
         target = data.get("target_sensitivity")
+        lesion = data.get("lesion_thresholds")
         return cls(thresholds=tuple(float(t) for t in data["thresholds"]),
                    temperature=float(data["temperature"]),
                    referable_min_grade=int(data["referable_min_grade"]),
                    referable_threshold=float(data["referable_threshold"]),
                    target_sensitivity=None if target is None else float(target),
-                   prototype_temperature=float(data.get("prototype_temperature", 1.0)))
+                   prototype_temperature=float(data.get("prototype_temperature", 1.0)),
+                   lesion_thresholds=None if lesion is None else tuple(float(t) for t in lesion))
 
 
 def cumulative_probabilities(ordinal_logits: np.ndarray, grading: GradingConfig) -> np.ndarray:

@@ -24,7 +24,7 @@ from edgeretina.preprocess import Geometry, ImageRef, ImageSource, detect_fov, i
 from edgeretina.quality import assess_quality
 from edgeretina.runtime.backends import create_runner, model_artifact, pick_backend
 from edgeretina.runtime.knn import FeatureBank
-from edgeretina.runtime.lesions import find_lesions, lesion_presence  # noqa: F401  (lesion_presence: re-export)
+from edgeretina.runtime.lesions import DEFAULT_THRESHOLD, find_lesions, lesion_presence  # noqa: F401  (lesion_presence: re-export)
 from edgeretina.runtime.postprocess import grade_results
 from edgeretina.runtime.verify import ensure_verified
 from edgeretina.signing import TrustList, enforce_trust, resolve_trust
@@ -211,7 +211,8 @@ class Grader:
             record.neighbors = [n.to_dict() for n in neighbors[i]]
             record.knn_grade = self.bank.vote(neighbors[i]) if neighbors[i] else None
             if "lesion_logits" in outputs:
-                record.lesions = find_lesions(outputs["lesion_logits"][i], item.graded.geometry)
+                record.lesions = find_lesions(outputs["lesion_logits"][i], item.graded.geometry,
+                                              self.grading.lesion_thresholds or DEFAULT_THRESHOLD)
             record.timings_ms.update(inference=_ms((inferred - started) * per_image),
                                      postprocess=_ms((graded - inferred) * per_image),
                                      knn=_ms((finished - graded) * per_image))

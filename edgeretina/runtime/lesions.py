@@ -8,11 +8,15 @@ threshold, so a lesion that straddles two patches corner to corner counts once. 
 preprocessing geometry, in the photo's continuous pixel coordinates (pixel (i, j) spans x in [j, j + 1],
 y in [i, i + 1], as `Geometry.crop_box`), clipped to the photo.
 
-Threshold: the manifest has no lesion threshold today (grading holds the ordinal calibration only), so
-the runtime uses DEFAULT_THRESHOLD, the operating point the head's sigmoid loss was trained towards.
+Threshold: one per lesion type from the manifest's grading (lesion_thresholds, fitted for F1 on held-out
+images by training/calibration.py: a rare or small type's probabilities can rank well yet stay under 0.5),
+or DEFAULT_THRESHOLD, the operating point the head's sigmoid loss was trained towards, for every type
+when the bundle has none. The same threshold decides presence and which patches form regions.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -36,31 +40,43 @@ def lesion_presence(lesion_logits: np.ndarray) -> list[dict]:
             for lesion, p in zip(LESIONS, probability)]
 
 
-def find_lesions(lesion_logits: np.ndarray, geometry: Geometry, threshold: float = DEFAULT_THRESHOLD,
-                 max_regions: int = MAX_REGIONS) -> list[dict]:
+def find_lesions(lesion_logits: np.ndarray, geometry: Geometry,
+                 threshold: float | Sequence[float] = DEFAULT_THRESHOLD, max_regions: int = MAX_REGIONS) -> list[dict]:
     """Per lesion type (edgeretina.grades.LESIONS order): the `lesion_presence` entry (code, name,
     probability) plus
-      present    probability >= threshold
+      present    probability >= threshold (the unrounded probability, so present exactly when count > 0)
       count      8-connected regions of patches whose probability is >= threshold
       regions    up to max_regions of them, highest peak first: {centre [x, y], box [x0, y0, x1, y1]} on
                  the original photo (see the module doc for the frame), peak (probability), patches (area)
       truncated  True when count > len(regions)
 
     lesion_logits: float [L, h, w] over the model-input grid; geometry: how that grid sits on the photo
-    (from `prepare`). Raises ConfigError for a threshold outside (0, 1) or a logit array that is not 3-D."""
-    if not 0.0 < threshold < 1.0:
-        raise ConfigError(f"lesion threshold must lie strictly between 0 and 1, got {threshold}")
+    (from `prepare`); threshold: one for every type, or one per type (GradingConfig.lesion_thresholds).
+    Raises ConfigError for a threshold outside (0, 1), a sequence whose length is not L, or a logit array
+    that is not 3-D."""
     logits = np.asarray(lesion_logits, dtype=np.float32)
     if logits.ndim != 3:
         raise ConfigError(f"lesion logits must be [L, h, w], got shape {logits.shape}")
+    thresholds = _per_type(threshold, len(logits))
     entries = lesion_presence(logits)
-    for entry, grid in zip(entries, _sigmoid(logits)):
-        regions = _regions(grid, threshold, geometry)
-        entry["present"] = entry["probability"] >= threshold
+    for entry, grid, t in zip(entries, _sigmoid(logits), thresholds):
+        regions = _regions(grid, t, geometry)
+        entry["present"] = bool(grid.max() >= t)
         entry["count"] = len(regions)
         entry["regions"] = regions[:max_regions]
         entry["truncated"] = len(regions) > max_regions
     return entries
+
+
+def _per_type(threshold: float | Sequence[float], types: int) -> list[float]:
+    """One threshold per lesion type, each checked to lie in (0, 1)."""
+    thresholds = [float(threshold)] * types if np.ndim(threshold) == 0 else [float(t) for t in threshold]
+    if len(thresholds) != types:
+        raise ConfigError(f"need one lesion threshold per type ({types}), got {len(thresholds)}")
+    for t in thresholds:
+        if not 0.0 < t < 1.0:
+            raise ConfigError(f"lesion threshold must lie strictly between 0 and 1, got {t}")
+    return thresholds
 
 
 def _regions(probability: np.ndarray, threshold: float, geometry: Geometry) -> list[dict]:

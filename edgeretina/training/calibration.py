@@ -5,7 +5,10 @@
   prototype logits, with the expected calibration error before and after;
 - a referable operating point: the P(referable) threshold that reaches a target sensitivity on the
   held-out cases (default 0.87, the sensitivity endpoint of the pivotal trial of the first autonomous
-  DR device, Abramoff et al. 2018), with the specificity it costs.
+  DR device, Abramoff et al. 2018), with the specificity it costs;
+- per lesion type, the image-level presence threshold that maximises F1 on the held-out images: a
+  rare or small type's max-pooled probability can rank images well yet never reach 0.5, and at 0.5 it
+  would never be reported present.
 
 Everything lands in GradingConfig, which checkpoints and bundle manifests carry.
 """
@@ -17,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeretina.errors import DatasetError
-from edgeretina.grades import (GradingConfig, NUM_GRADES, class_probabilities, cumulative_probabilities,
-                               prototype_probabilities)
+from edgeretina.grades import (GradingConfig, LESION_CODES, NUM_GRADES, class_probabilities,
+                               cumulative_probabilities, prototype_probabilities)
 from edgeretina.metrics import expected_calibration_error, sensitivity_specificity
 
 DEFAULT_TARGET_SENSITIVITY = 0.87
@@ -28,6 +31,7 @@ _MIN_GAIN = 0.002  # a threshold moves only for a real accuracy gain: small vali
 # A task "grade > k" with fewer cases on either side keeps the CORAL rule: with no case of grade 4, say,
 # accuracy peaks once the threshold passes every logit, and the model would never grade 4 again.
 MIN_TASK_CASES = 5
+DEFAULT_LESION_THRESHOLD = 0.5   # the runtime's presence rule without a fitted threshold (runtime/lesions.py)
 
 
 def fit_temperature(ordinal_logits: np.ndarray, grades: np.ndarray) -> float:
@@ -130,6 +134,75 @@ def referable_operating_point(referable_scores: np.ndarray, grades: np.ndarray,
                           positives=int(positive.sum()), negatives=int((~positive).sum()))
 
 
+def lesion_presence_probabilities(lesion_logits: np.ndarray) -> np.ndarray:
+    """[N, L, h, w] patch logits -> [N, L] image-level presence probability: the sigmoid of the max over
+    patches, the pooling the head was trained with and the runtime reports (runtime/lesions.py, whose
+    clipping this repeats so that a fitted threshold means the same number there)."""
+    logits = np.asarray(lesion_logits, dtype=np.float64)
+    peak = logits.reshape(logits.shape[0], logits.shape[1], -1).max(axis=2)
+    return 1.0 / (1.0 + np.exp(-np.clip(peak, -60.0, 60.0)))
+
+
+def image_lesion_truth(lesion_targets: np.ndarray) -> np.ndarray:
+    """Patch-grid targets [N, L, h, w] (PreparedSet.lesions; [N, L] passes through) -> [N, L] bool:
+    a type is in an image when any of its patches is."""
+    targets = np.asarray(lesion_targets)
+    return targets.reshape(targets.shape[0], targets.shape[1], -1).any(axis=2)
+
+
+def fit_lesion_thresholds(presence: np.ndarray, truth: np.ndarray) -> tuple[tuple[float, ...], dict]:
+    """Per lesion type, the presence threshold (present when probability >= threshold) with the highest F1
+    on these images. Candidates are the observed probabilities; among equal F1 the higher threshold wins
+    (fewer false alarms for the same score). A type with fewer than MIN_TASK_CASES images with or without
+    it keeps DEFAULT_LESION_THRESHOLD: F1 on a handful of cases picks a threshold by chance.
+
+    presence, truth: [N, L] (lesion_presence_probabilities, image_lesion_truth), L = len(LESION_CODES).
+    Returns the thresholds and, per type code, {threshold, f1 {before (at 0.5), after}, positives,
+    negatives} plus `kept` saying why where the threshold stayed."""
+    presence = np.asarray(presence, dtype=np.float64)
+    truth = np.asarray(truth, dtype=bool)
+    if presence.shape != truth.shape or presence.ndim != 2 or presence.shape[1] != len(LESION_CODES):
+        raise ValueError(f"need [N, {len(LESION_CODES)}] presence probabilities and truth, "
+                         f"got {presence.shape} and {truth.shape}")
+    thresholds, report = [], {}
+    for j, code in enumerate(LESION_CODES):
+        p, t = presence[:, j], truth[:, j]
+        positives, negatives = int(t.sum()), int((~t).sum())
+        entry = {"positives": positives, "negatives": negatives}
+        if min(positives, negatives) < MIN_TASK_CASES:
+            threshold = DEFAULT_LESION_THRESHOLD
+            entry["kept"] = (f"{positives} images with and {negatives} without {code}: fewer than "
+                             f"{MIN_TASK_CASES} on one side, the threshold stays {DEFAULT_LESION_THRESHOLD}")
+        else:
+            threshold = _best_f1_threshold(p, t)
+        thresholds.append(threshold)
+        report[code] = {"threshold": threshold, **entry,
+                        "f1": {"before": _f1(t, p >= DEFAULT_LESION_THRESHOLD), "after": _f1(t, p >= threshold)}}
+    return tuple(thresholds), report
+
+
+def _best_f1_threshold(probability: np.ndarray, truth: np.ndarray) -> float:
+    """The observed probability that, as a threshold, gives the highest F1; the highest such one on ties.
+
+    Sorted high to low, "probability >= the i-th value" predicts the first i + 1 images (up to the last of
+    a run of equal values), so F1 = 2 TP / (predicted + positives) for every candidate at once."""
+    order = np.argsort(-probability, kind="stable")
+    ranked, hits = probability[order], truth[order]
+    last_of_run = np.append(ranked[1:] != ranked[:-1], True)
+    tp = np.cumsum(hits)[last_of_run]
+    predicted = np.flatnonzero(last_of_run) + 1
+    f1 = 2.0 * tp / (predicted + truth.sum())
+    best = int(np.argmax(f1))                  # the first maximum: the highest threshold
+    # the open interval GradingConfig requires (a saturated sigmoid gives exactly 1.0)
+    return float(np.clip(ranked[last_of_run][best], 1e-6, 1.0 - 1e-6))
+
+
+def _f1(truth: np.ndarray, predicted: np.ndarray) -> float:
+    tp = int(np.sum(truth & predicted))
+    denominator = int(predicted.sum()) + int(truth.sum())
+    return 2.0 * tp / denominator if denominator else 0.0
+
+
 @dataclass(frozen=True)
 class CalibrationResult:
     grading: GradingConfig
@@ -138,11 +211,17 @@ class CalibrationResult:
 
 def calibrate(ordinal_logits: np.ndarray, grades: np.ndarray, base: GradingConfig = GradingConfig(),
               prototype_logits: np.ndarray | None = None,
-              target_sensitivity: float | None = DEFAULT_TARGET_SENSITIVITY) -> CalibrationResult:
+              target_sensitivity: float | None = DEFAULT_TARGET_SENSITIVITY,
+              lesion_logits: np.ndarray | None = None,
+              lesion_targets: np.ndarray | None = None) -> CalibrationResult:
     """Fit the ordinal thresholds, both temperatures and the referable operating point on held-out
     outputs. target_sensitivity None keeps base's referable threshold (and claims no sensitivity for it);
     without a referable case the operating point cannot be chosen: base's threshold is kept and the
-    report says why. The report also gives the referable sensitivity/specificity at the final threshold."""
+    report says why. The report also gives the referable sensitivity/specificity at the final threshold.
+
+    With lesion_logits [N, L, h, w] and lesion_targets (patch-grid [N, L, h, w] or image-level [N, L])
+    the per-type presence thresholds are fitted too (fit_lesion_thresholds, report "lesion_thresholds");
+    with logits but no targets they stay base's and the report says so."""
     grades = np.asarray(grades)
     thresholds = fit_thresholds(ordinal_logits, grades)
     shifted = np.asarray(ordinal_logits, dtype=np.float64) - np.asarray(thresholds)[None, :]
@@ -150,7 +229,8 @@ def calibrate(ordinal_logits: np.ndarray, grades: np.ndarray, base: GradingConfi
                            referable_min_grade=base.referable_min_grade,
                            referable_threshold=base.referable_threshold, target_sensitivity=None,
                            prototype_temperature=(fit_prototype_temperature(prototype_logits, grades)
-                                                  if prototype_logits is not None else base.prototype_temperature))
+                                                  if prototype_logits is not None else base.prototype_temperature),
+                           lesion_thresholds=base.lesion_thresholds)
     report = {"n": int(len(grades)), "thresholds": list(thresholds),
               "thresholds_kept_at_0": underdetermined_tasks(grades), "temperature": fitted.temperature,
               "ece_ordinal": {"before": _ordinal_ece(ordinal_logits, grades, base),
@@ -159,6 +239,13 @@ def calibrate(ordinal_logits: np.ndarray, grades: np.ndarray, base: GradingConfi
         report["prototype_temperature"] = fitted.prototype_temperature
         report["ece_prototype"] = {"before": _prototype_ece(prototype_logits, grades, base),
                                    "after": _prototype_ece(prototype_logits, grades, fitted)}
+    if lesion_logits is not None and lesion_targets is not None:
+        lesion_thresholds, report["lesion_thresholds"] = fit_lesion_thresholds(
+            lesion_presence_probabilities(lesion_logits), image_lesion_truth(lesion_targets))
+        fitted = GradingConfig(**{**fitted.__dict__, "lesion_thresholds": lesion_thresholds})
+    elif lesion_logits is not None:
+        report["lesion_thresholds"] = {"skipped": f"no lesion truth for the {len(grades)} calibration images: "
+                                                  f"the lesion thresholds stay {base.lesion_thresholds or DEFAULT_LESION_THRESHOLD}"}
     referable = cumulative_probabilities(ordinal_logits, fitted)[:, fitted.referable_min_grade - 1]
     positive = grades >= fitted.referable_min_grade
     if target_sensitivity is not None and positive.any():

@@ -18,7 +18,7 @@ from edgeretina.errors import DatasetError
 from edgeretina.training.calibration import DEFAULT_TARGET_SENSITIVITY, calibrate
 from edgeretina.training.checkpoint import Checkpoint, TrainingBank, load_checkpoint, save_checkpoint
 from edgeretina.training.data import PreparedSet, prepare_images
-from edgeretina.training.loop import predict
+from edgeretina.training.loop import lesion_truth_grid, predict
 
 Logger = Callable[[str], None]
 
@@ -27,12 +27,15 @@ def recalibrate(checkpoint: Path, data: Sequence[str], out: Path | None = None, 
                 target_sensitivity: float | None = DEFAULT_TARGET_SENSITIVITY, workers: int | None = None,
                 batch_size: int = 32, log: Logger = print) -> dict:
     """Fit ordinal thresholds, temperatures and the referable operating point on `data` (held-out images,
-    never the training set) and write them into the checkpoint. Returns the calibration report."""
+    never the training set) and write them into the checkpoint; with a lesion head and lesion masks beside
+    every image, the per-type lesion presence thresholds too (without masks they stay as they were).
+    Returns the calibration report."""
     ckpt = load_checkpoint(checkpoint)
-    prepared, sources = _prepare(ckpt, data, workers, log)
+    prepared, sources = _prepare(ckpt, data, workers, log, lesions=True)
     outputs = predict(ckpt.model, prepared.images, ckpt.preprocess, batch_size)
     result = calibrate(outputs["ordinal_logits"], prepared.grades, base=ckpt.grading,
-                       prototype_logits=outputs["prototype_logits"], target_sensitivity=target_sensitivity)
+                       prototype_logits=outputs["prototype_logits"], target_sensitivity=target_sensitivity,
+                       lesion_logits=outputs.get("lesion_logits"), lesion_targets=prepared.lesions)
     skipped = result.report.get("operating_point", {}).get("skipped")
     if skipped:
         raise DatasetError(f"{skipped}; calibrate on held-out data with referable cases, "
@@ -67,8 +70,10 @@ def bank_from_data(ckpt: Checkpoint, data: Sequence[str], *, workers: int | None
     return bank, info
 
 
-def _prepare(ckpt: Checkpoint, data: Sequence[str], workers: int | None, log: Logger) -> tuple[PreparedSet, list[str]]:
-    """The images of `data` prepared for the checkpoint's model, and the source of each."""
+def _prepare(ckpt: Checkpoint, data: Sequence[str], workers: int | None, log: Logger,
+             lesions: bool = False) -> tuple[PreparedSet, list[str]]:
+    """The images of `data` prepared for the checkpoint's model, and the source of each; with `lesions`,
+    their patch-grid lesion targets where the model has a lesion head and every image its masks."""
     from edgeretina.layouts import load_data
 
     loaded = load_data(data)
@@ -76,7 +81,8 @@ def _prepare(ckpt: Checkpoint, data: Sequence[str], workers: int | None, log: Lo
         log(line)
     if not loaded.items:
         raise DatasetError(f"no images loaded from {', '.join(map(str, data))}")
-    prepared = prepare_images(loaded.items, ckpt.preprocess, workers)
+    grid = lesion_truth_grid(ckpt.model, loaded.items) if lesions else None
+    prepared = prepare_images(loaded.items, ckpt.preprocess, workers, lesion_grid=grid)
     for path, reason in prepared.skipped:
         log(f"skipped {path}: {reason}")
     return prepared, prepared.sources

@@ -33,7 +33,7 @@ from edgeretina.training.calibration import DEFAULT_TARGET_SENSITIVITY, calibrat
 from edgeretina.training.checkpoint import Checkpoint, TrainingBank, save_checkpoint
 from edgeretina.training.contrastive import check_contrastive_config, pretrain_contrastive
 from edgeretina.training.data import (SAMPLERS, PerGradeBatchSampler, PreparedSet, WeightedBatchSampler,
-                                      prepare_images, sequential_batches, to_model_input)
+                                      lesion_mask_paths, prepare_images, sequential_batches, to_model_input)
 from edgeretina.training.distributed import DistributedContext
 from edgeretina.training.feature_cache import FeatureCache, HeadsOnly, compute_features, predict_from_features
 from edgeretina.training.freezing import FreezePlan, freeze_backbone, keep_frozen_in_eval
@@ -266,7 +266,7 @@ def _set_up(config: TrainConfig, ctx: DistributedContext, log: Logger) -> _Run:
     log(f"data: {len(train_items)} train {grade_counts(train_items)}, {len(val_items)} val {grade_counts(val_items)}")
     lesion_grid = model.grid_size if model.lesion_head is not None else None
     train_set = prepare_images(train_items, preprocess, config.workers, lesion_grid=lesion_grid)
-    val_set = prepare_images(val_items, preprocess, config.workers)
+    val_set = prepare_images(val_items, preprocess, config.workers, lesion_grid=lesion_truth_grid(model, val_items))
     for path, reason in train_set.skipped + val_set.skipped:
         log(f"skipped {path}: {reason}")
     contrastive = pretrain_contrastive(model, train_items, train_set, preprocess, config, plan, ctx, log,
@@ -453,11 +453,14 @@ def _finish(run: _Run, log: Logger, started: float) -> TrainResult:
     model.eval()
     val_out = _validation_outputs(run)
     calibration = calibrate(val_out["ordinal_logits"], run.val_set.grades, prototype_logits=val_out["prototype_logits"],
-                            target_sensitivity=config.target_sensitivity)
+                            target_sensitivity=config.target_sensitivity, lesion_logits=val_out.get("lesion_logits"),
+                            lesion_targets=run.val_set.lesions)
     grading = calibration.grading
     skipped = calibration.report.get("operating_point", {}).get("skipped")
     if skipped:
         log(f"referable operating point not chosen: {skipped}")
+    if "lesion_thresholds" in calibration.report:
+        log(f"lesion thresholds: {_describe_lesion_thresholds(calibration.report['lesion_thresholds'])}")
     val_metrics = grading_report(run.val_set.grades, ordinal_grades(val_out["ordinal_logits"], grading.thresholds))
     log(f"validation after calibration: QWK {val_metrics['qwk']:.4f}, thresholds "
         f"{[round(t, 2) for t in grading.thresholds]}, temperature {grading.temperature:.3f}")
@@ -473,6 +476,23 @@ def _finish(run: _Run, log: Logger, started: float) -> TrainResult:
                                                   bank=bank, summary=summary))
     resume_path(config.out).unlink(missing_ok=True)
     return TrainResult(checkpoint=path, metrics=summary["val_metrics"], seconds=summary["seconds"])
+
+
+def _describe_lesion_thresholds(report: dict) -> str:
+    if "skipped" in report:
+        return report["skipped"]
+    return ", ".join(f"{code} {r['threshold']:.3f} (F1 {r['f1']['before']:.2f} -> {r['f1']['after']:.2f}"
+                     f"{', kept' if 'kept' in r else ''})" for code, r in report.items())
+
+
+def lesion_truth_grid(model: GraderModel, items: list[LabeledImage]) -> tuple[int, int] | None:
+    """The patch grid to read held-out lesion targets on, for calibration's per-type presence thresholds:
+    the model's, when it has a lesion head and every item has its masks (prepare_images would refuse the
+    set otherwise); None when not, and the thresholds are then not fitted."""
+    if model.lesion_head is None:
+        return None
+    masked = all(path.is_file() for item in items for path in lesion_mask_paths(item))
+    return model.grid_size if masked else None
 
 
 def _summary(run: _Run, val_metrics: dict, calibration_report: dict, seconds: float) -> dict:
