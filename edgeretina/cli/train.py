@@ -44,6 +44,8 @@ def train(
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Flips, rotation, zoom, exposure, colour, gamma, blur inside the field of view.")] = True,
     focal_gamma: Annotated[float, typer.Option("--focal-gamma", min=0.0, help="Focal loss gamma on the prototype logits (0: cross-entropy).")] = 2.0,
     label_smoothing: Annotated[float, typer.Option("--label-smoothing", min=0.0, max=0.99, help="Label smoothing of the prototype targets.")] = 0.05,
+    lesion_generation: Annotated[float, typer.Option("--lesion-generation", min=0.0, max=1.0, help="ELLG lesion generation: the share of training images that get lesions cut from other training images pasted in (needs lesion masks). 0: off.")] = 0.0,
+    lesion_generation_keep_grade: Annotated[bool, typer.Option("--lesion-generation-keep-grade", help="Paste only lesions that imply no higher grade than the image's own, so labels never change.")] = False,
     contrastive_epochs: Annotated[int, typer.Option("--contrastive-epochs", min=0, help="Image-text contrastive epochs (captions from the grade and lesion labels) before the grading epochs; needs an open_clip tower. 0: none.")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the resume file next to --out, when there is one.")] = False,
     device: Annotated[Device, typer.Option("--device", help="cpu or cuda (under torchrun each process takes cuda:LOCAL_RANK).")] = Device("cpu"),
@@ -55,6 +57,7 @@ def train(
     Several processes: torchrun --nproc_per_node N -m edgeretina train ... (DDP; rank 0 writes)."""
     from edgeretina.training.backbone import BackboneConfig
     from edgeretina.training.loop import TrainConfig, train as run_training
+    from edgeretina.training.lesion_generation import LesionGenerationConfig
     from edgeretina.training.losses import LossWeights
     from edgeretina.training.model import ModelConfig
 
@@ -68,7 +71,9 @@ def train(
                          ben_graham=ben_graham, precision=precision.value, max_minutes=max_minutes, threads=threads, seed=seed,
                          sampler=sampler.value, per_grade=per_grade, patience=patience, min_delta=min_delta,
                          trainable_blocks=trainable_blocks, augment=augment, resume=resume, contrastive_epochs=contrastive_epochs, device=device.value,
-                         loss=LossWeights(focal_gamma=focal_gamma, label_smoothing=label_smoothing))
+                         loss=LossWeights(focal_gamma=focal_gamma, label_smoothing=label_smoothing),
+                         lesion_generation=LesionGenerationConfig(probability=lesion_generation,
+                                                                  raise_grade=not lesion_generation_keep_grade))
     result = run_training(config)
     if result.rank == 0:        # under torchrun every process returns; one line is printed
         typer.echo(json.dumps({"checkpoint": str(result.checkpoint), "seconds": result.seconds,

@@ -13,7 +13,7 @@ import math
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -37,6 +37,8 @@ from edgeretina.training.data import (SAMPLERS, PerGradeBatchSampler, PreparedSe
 from edgeretina.training.distributed import DistributedContext
 from edgeretina.training.feature_cache import FeatureCache, HeadsOnly, compute_features, predict_from_features
 from edgeretina.training.freezing import FreezePlan, freeze_backbone, keep_frozen_in_eval
+from edgeretina.training.lesion_generation import (LesionBank, LesionGenerationConfig, generate_batch,
+                                                   prepared_lesion_masks)
 from edgeretina.training.losses import LossWeights, grader_loss
 from edgeretina.training.model import GraderModel, ModelConfig
 from edgeretina.training.precision import PRECISIONS, ResolvedPrecision, resolve_precision
@@ -99,6 +101,9 @@ class TrainConfig:
     prompts_file: Path | None = None            # grade/lesion descriptions (default: training/prompts.json)
     contrastive_epochs: int = 0
     contrastive_lr: float = 1e-5
+    # ELLG lesion generation: lesions cut from training images pasted into others (off by default: on the
+    # phantom it did not help, training/lesion_generation.py)
+    lesion_generation: LesionGenerationConfig = field(default_factory=LesionGenerationConfig)
 
     def __post_init__(self):
         object.__setattr__(self, "data", _specs(self.data))
@@ -273,7 +278,8 @@ def _set_up(config: TrainConfig, ctx: DistributedContext, log: Logger) -> _Run:
                                        precision.autocast_dtype)
     sampler = _sampler(config, train_set.grades, ctx, log)
     augment_rng = np.random.default_rng([config.seed, _AUGMENT_STREAM, ctx.rank])
-    cached = config.cache_features and plan.backbone_frozen and not config.augment
+    bank = _lesion_bank(config.lesion_generation, train_items, train_set, preprocess, log)
+    cached = config.cache_features and plan.backbone_frozen and not config.augment and bank is None
     if plan.backbone_frozen and config.augment:
         log("backbone frozen with augmentation on: it runs every step (no feature cache)")
     autocast = lambda: _autocast(precision, ctx)  # noqa: E731
@@ -288,7 +294,7 @@ def _set_up(config: TrainConfig, ctx: DistributedContext, log: Logger) -> _Run:
         inputs = _CachedInputs(train_cache, train_set, ctx.device)
     else:
         inputs = _ImageInputs(train_set, preprocess, config.augmentation if config.augment else None,
-                              augment_rng, model, ctx.device)
+                              augment_rng, model, ctx.device, bank)
     optimizer = _optimizer(model, config)
     schedule = _WarmupCosine(sampler.steps_per_epoch * config.epochs, config.warmup_fraction)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -359,7 +365,7 @@ def _trainer(run: _Run, log: Logger) -> torch.nn.Module:
     module = HeadsOnly(run.model) if isinstance(run.inputs, _CachedInputs) else run.model
     if not run.ctx.is_distributed:
         return module
-    args, _ = run.inputs.batch(np.arange(min(2, len(run.train_set.grades))), augmented=False)
+    args, _, _ = run.inputs.batch(np.arange(min(2, len(run.train_set.grades))), augmented=False)
     unused = distributed.unused_parameters(module, *args)
     if unused:
         log(f"DDP: {len(unused)} trainable parameters get no gradient (e.g. {unused[0]}): find_unused_parameters on")
@@ -508,6 +514,7 @@ def _summary(run: _Run, val_metrics: dict, calibration_report: dict, seconds: fl
                      "sampler": config.sampler, "batch": run.sampler.batch_size,
                      "steps_per_epoch": run.sampler.steps_per_epoch, "trainable_blocks": config.trainable_blocks,
                      "augment": config.augment, "feature_cache": isinstance(run.inputs, _CachedInputs),
+                     "lesion_generation": _lesion_generation_summary(config.lesion_generation, run.inputs),
                      "processes": run.ctx.world_size, "resumed_from_epoch": run.resumed_from},
         "stopped": run.stopped,
         "best_epoch": run.best_epoch,
@@ -597,17 +604,21 @@ class _ImageInputs:
     """Training inputs from prepared images: augmented (when configured), normalised, on the device."""
 
     def __init__(self, data: PreparedSet, preprocess: PreprocessConfig, augmentation: AugmentConfig | None,
-                 rng: np.random.Generator, model: GraderModel, device: str):
+                 rng: np.random.Generator, model: GraderModel, device: str, bank: LesionBank | None = None):
         self.data, self.preprocess, self.augmentation, self.rng = data, preprocess, augmentation, rng
-        self.model, self.device = model, device
+        self.model, self.device, self.bank = model, device, bank
 
     def batch(self, idx: np.ndarray, augmented: bool = True):
+        """(model args, lesion targets or None, grades [B]): generated lesions (before the augmentation, so
+        they turn with the image) can raise a grade and add lesion targets."""
         lesions = self.data.lesions[idx] if self.data.lesions is not None else None
-        images = self.data.images[idx]
+        images, grades = self.data.images[idx], self.data.grades[idx]
+        if self.bank is not None and augmented:
+            images, grades, lesions = generate_batch(images, grades, self.rng, self.bank, lesions)
         if self.augmentation is not None and augmented:
             images, lesions = augment(images, self.rng, lesions, self.augmentation)
         x = _like_model(to_model_input(images, self.preprocess).to(self.device), self.model)
-        return (x,), _lesion_targets(lesions, self.device)
+        return (x,), _lesion_targets(lesions, self.device), _grade_tensor(grades, self.device)
 
 
 class _CachedInputs:
@@ -618,7 +629,33 @@ class _CachedInputs:
 
     def batch(self, idx: np.ndarray, augmented: bool = False):
         lesions = self.data.lesions[idx] if self.data.lesions is not None else None
-        return self.cache.take(idx, self.device), _lesion_targets(lesions, self.device)
+        return (self.cache.take(idx, self.device), _lesion_targets(lesions, self.device),
+                _grade_tensor(self.data.grades[idx], self.device))
+
+
+def _grade_tensor(grades: np.ndarray, device: str) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(grades)).to(device)
+
+
+def _lesion_bank(settings: LesionGenerationConfig, items: list, data: PreparedSet, preprocess: PreprocessConfig,
+                 log: Logger) -> LesionBank | None:
+    """The donor lesions for ELLG's lesion generation (None when it is off): every connected lesion of the
+    training images' masks, in the prepared frame. DatasetError (from the masks) when a case has none."""
+    if settings.probability == 0.0:
+        return None
+    bank = LesionBank(config=settings)
+    for case, index in enumerate(data.indices):
+        item = items[index]
+        masks = prepared_lesion_masks(item.path, lesion_mask_paths(item), preprocess, item.frame)
+        bank.add(data.images[case], masks, int(data.grades[case]), case=case)
+    log(f"lesion generation: {len(bank)} donor lesions from {len(data.indices)} images, "
+        f"probability {settings.probability}, {'raising' if settings.raise_grade else 'keeping'} grades")
+    return bank
+
+
+def _lesion_generation_summary(settings: LesionGenerationConfig, inputs) -> dict | None:
+    bank = getattr(inputs, "bank", None)
+    return None if bank is None else {**asdict(settings), "donor_lesions": len(bank)}
 
 
 def _lesion_targets(lesions: np.ndarray | None, device: str) -> torch.Tensor | None:
@@ -643,8 +680,7 @@ def _train_epoch(model: GraderModel, run: _Run, batches, label: str, show_progre
     totals: dict[str, float] = {}
     for batch in _progress(batches, steps, label, show_progress):
         idx = distributed.rank_share(batch, ctx)
-        args, lesion_targets = run.inputs.batch(idx)
-        grades = torch.from_numpy(run.train_set.grades[idx]).to(ctx.device)
+        args, lesion_targets, grades = run.inputs.batch(idx)
         with _autocast(run.precision, ctx):
             outputs = trainer(*args)
         loss, parts = grader_loss(outputs, grades, run.config.loss, lesion_targets)
