@@ -161,3 +161,15 @@ def test_runtime_precision_measured_on_another_kind_of_cpu_is_not_applied(ov_bun
     runner = OpenVinoRunner(xml, threads=1, settings=other_class)
     assert runner.measured_precision_hint() is None and runner.describe()["measured_hint_applied"] is False
     assert OpenVinoRunner(xml, threads=1).measured_precision_hint() is None        # no settings: OpenVINO's default
+
+
+def test_a_gate_fallback_to_f32_holds_on_another_kind_of_cpu(ov_bundles):
+    """bf16 failed the gate at export: a device of another class must not re-measure its way back to it."""
+    from edgeretina.runtime.backends.openvino import OpenVinoRunner
+
+    xml = ov_bundles["fp16"] / "model.xml"
+    fell_back = {"inference_precision_hint": "f32", "cpu_precision_class": ["made_up_flag"],
+                 "fallback": "bf16 failed the gate's fidelity checks"}
+    runner = OpenVinoRunner(xml, threads=1, settings=fell_back)
+    assert runner.inference_precision() == "f32"
+    assert runner.precision_hint_source == "f32 on every CPU class: bf16 failed the gate's fidelity checks"

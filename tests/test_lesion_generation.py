@@ -116,8 +116,8 @@ def test_pasted_lesions_stay_inside_the_field_and_nothing_else_changes(donors):
 
 
 def test_a_pasted_pixel_never_turns_black():
-    """A dark lesion matched to a dark neighbourhood may round to (0, 0, 0), which every later step reads
-    as outside the field; it is lifted to 1."""
+    """A dark lesion matched to a dark neighbourhood may come out at or below the field level (0..8), which
+    the graph's field weights read as outside the field; it is lifted just above it."""
     yy, xx = np.mgrid[0:SIZE, 0:SIZE]
     disc = (yy - 48) ** 2 + (xx - 48) ** 2 <= 44 ** 2
     donor = np.where(disc[..., None], np.array([120, 60, 30], np.uint8), 0).astype(np.uint8)
@@ -128,8 +128,12 @@ def test_a_pasted_pixel_never_turns_black():
     dark = np.where(disc[..., None], np.array([3, 2, 2], np.uint8), 0).astype(np.uint8)
     new, grade, pasted = lg.generate(dark, 0, np.random.default_rng(0), bank, max_patches=1)
     assert pasted.any() and grade == 2
+    from edgeretina.preprocess.config import FIELD_LEVEL_U8
+
     assert (new[disc].max(axis=1) > 0).all()
-    assert (new[pasted.any(axis=0)].max(axis=1) == 1).any()        # the case the guard is for happened
+    footprint = pasted.any(axis=0)
+    assert (new[footprint].max(axis=1) > FIELD_LEVEL_U8).all()
+    assert (new[footprint].max(axis=1) == FIELD_LEVEL_U8 + 1).any()   # the case the guard is for happened
 
 
 def test_the_lesion_keeps_its_contrast_and_its_rim_is_feathered():
@@ -401,3 +405,20 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return bool(torch.equal(a, b))
+
+
+def test_lesion_generation_without_masks_is_one_clear_dataset_error(phantom_train, tmp_path):
+    import shutil
+
+    import pytest
+
+    from edgeretina.errors import DatasetError
+    from edgeretina.training.loop import TrainConfig, train
+    from edgeretina.training.lesion_generation import LesionGenerationConfig
+
+    copy = tmp_path / "no_masks"
+    shutil.copytree(phantom_train.parent, copy, ignore=shutil.ignore_patterns("masks"))
+    config = TrainConfig(data=copy / "labels.csv", out=tmp_path / "x.pt", epochs=1, batch_size=16, workers=1,
+                         lesion_generation=LesionGenerationConfig(probability=0.5))
+    with pytest.raises(DatasetError, match="--lesion-generation needs lesion masks"):
+        train(config, log=lambda _: None, show_progress=False)

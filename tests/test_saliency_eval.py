@@ -256,7 +256,9 @@ def test_checkpoint_report_structure_and_skipped_methods(checkpoint_run, test_me
     assert report["n_images"] == N_IMAGES and report["excluded"] == {}
     assert report["tolerance"]["fraction_of_field_diameter"] == 0.015 and report["tolerance"]["mean_px"] > 1.0
     methods = report["methods"]
-    assert list(methods) == ["saliency", "lesion", "gradcam", "gradcam++", "counterfactual", *test_methods]
+    assert list(methods) == ["saliency", "saliency-deep", "lesion", "gradcam", "gradcam++", "counterfactual",
+                             *test_methods]
+    assert not methods["saliency-deep"]["available"] and "deep map already" in methods["saliency-deep"]["reason"]
     assert not methods["lesion"]["available"] and "lesion head" in methods["lesion"]["reason"]
     assert not methods["counterfactual"]["available"] and "bundle" in methods["counterfactual"]["reason"]
     for name in ("saliency", "gradcam", "gradcam++", *test_methods):
@@ -358,7 +360,7 @@ def test_data_without_masks_names_the_missing_folder(tiny_checkpoint, phantom_te
 def test_unknown_and_unavailable_methods_are_clear_errors(tiny_checkpoint, phantom_test, tmp_path):
     data = ("--data", f"phantom:{phantom_test.parent}", "--out", tmp_path / "out")
     code, _, stderr = run_cli("evaluate-saliency", tiny_checkpoint.checkpoint, *data, "--methods", "saliency,nope")
-    assert code == 1 and "'nope'" in stderr and "known: saliency, lesion, gradcam, gradcam++, counterfactual" in stderr
+    assert code == 1 and "'nope'" in stderr and "known: saliency, saliency-deep, lesion, gradcam, gradcam++, counterfactual" in stderr
     code, _, stderr = run_cli("evaluate-saliency", tiny_checkpoint.checkpoint, *data, "--methods", "lesion")
     assert code == 1 and "none of the requested methods can run" in stderr and "no lesion head" in stderr
     code, _, stderr = run_cli("evaluate-saliency", tiny_checkpoint.checkpoint, *data, "--tolerance", "0.9")

@@ -18,7 +18,7 @@ def evaluate_saliency(
     data: DataOption,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.json, report.md and examples.png.")] = Path("saliency-evaluation"),
     methods: Annotated[Optional[str], typer.Option(
-        "--methods", help="Comma-separated maps to score: saliency, lesion, gradcam, gradcam++, counterfactual "
+        "--methods", help="Comma-separated maps to score: saliency, saliency-deep, lesion, gradcam, gradcam++, counterfactual "
                           "(default: all; those this model cannot make are skipped with the reason).")] = None,
     backend: Annotated[Optional[Backend], typer.Option("--backend", help="Bundle backend (default: the bundle's best).")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Score the first N images only.")] = None,

@@ -10,6 +10,9 @@ import numpy as np
 
 from edgeretina.errors import ConfigError
 
+# A prepared image is fundus where its brightest channel is above this level, the blacked-out surround
+# (mask_outside_fov) at or below it: the graph's field weights (training/model.py) and lesion generation.
+FIELD_LEVEL_U8 = 8
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

@@ -5,8 +5,11 @@ The lesion head gives per-patch logits [L, h, w] over the model-input patch grid
 pushes patches outside the fundus field to very low logits). Presence is the image-level max pooling the
 head was trained with (CLPI, SiAN); a region is one 8-connected group of patches at or above the
 threshold, so a lesion that straddles two patches corner to corner counts once. Locations go through the
-preprocessing geometry, in the photo's continuous pixel coordinates (pixel (i, j) spans x in [j, j + 1],
-y in [i, i + 1], as `Geometry.crop_box`), clipped to the photo.
+preprocessing geometry, in the continuous pixel coordinates of the photo as the grader decoded it (pixel
+(i, j) spans x in [j, j + 1], y in [i, i + 1], as `Geometry.crop_box`), clipped to it. That is the frame the
+overlay and the card are drawn in: a large JPEG is decoded at 1/2, 1/4 or 1/8 scale (at most the bundle's
+decode_max_side, 1024 px by default, on its long side), so a region's coordinates on the full-resolution
+file are these times the file's size over `Geometry.original_size`.
 
 Threshold: one per lesion type from the manifest's grading (lesion_thresholds, fitted for F1 on held-out
 images by training/calibration.py: a rare or small type's probabilities can rank well yet stay under 0.5),

@@ -3,7 +3,8 @@ they are computed once and the heads train from them.
 
 `compute_features` runs the backbone in eval mode (what a frozen tower computes during training too:
 training/freezing.py keeps it in eval mode) over prepared images and keeps (pooled [N, D], tokens
-[N, h*w, D]) in float32, with the patches' field weights [N, h*w] (GraderModel.field_weights). Memory: N x (1 + h*w) x D x 4 bytes — ViT-B-16 at 224 px, 197 x 512 floats,
+[N, h*w, D]) in float32, with the patches' field weights [N, h*w] (GraderModel.field_weights) and, for
+gated saliency, the shallow layer's tokens [N, h*w, C] (ViT-B-16: 196 x 768 floats, 0.6 MB more an image). Memory: N x (1 + h*w) x D x 4 bytes — ViT-B-16 at 224 px, 197 x 512 floats,
 is ~0.4 MB an image, 4 GB for 10,000 images; the tiny presets at 64 px take a few KB an image.
 `HeadsOnly` is the module that trains from the cache (GraderModel.forward_heads as a forward, so DDP can
 wrap it).

@@ -71,6 +71,7 @@ import numpy as np
 from edgeretina.errors import ConfigError
 from edgeretina.grades import LESION_CODES
 from edgeretina.preprocess import PreprocessConfig, decode_image, prepare
+from edgeretina.preprocess.config import FIELD_LEVEL_U8
 from edgeretina.training.augment import field_mask as field_of
 
 # The least ICDR grade one lesion of a type forces (Wilkinson et al. 2003; see the module docstring).
@@ -88,6 +89,7 @@ _LMS_TO_RGB = np.linalg.inv(_RGB_TO_LMS)
 _LAB_TO_LOG_LMS = np.linalg.inv(_LOG_LMS_TO_LAB)
 _LMS_FLOOR = 1e-4   # log10 needs > 0: only pure black reaches it (every matrix entry is positive)
 _MIN_STAT_PIXELS = 8
+
 
 
 @dataclass(frozen=True)
@@ -454,7 +456,9 @@ def _paste(out: np.ndarray, field_pixels: np.ndarray, patch: LesionPatch, where:
     matched = reinhard_transfer(patch.rgb, region, source, target, max_std_ratio).astype(np.float32)
     alpha = patch.alpha[..., None]
     blended = np.clip(np.rint(alpha * matched + (1.0 - alpha) * region.astype(np.float32)), 0, 255).astype(np.uint8)
-    blended[patch.lesion & (blended.max(axis=2) == 0)] = 1     # stay inside the field: pure black reads as outside
+    # stay inside the field: the graph's field test (FIELD_LEVEL_U8) reads darker pixels as outside
+    dark = patch.lesion & (blended.max(axis=2) <= FIELD_LEVEL_U8)
+    blended[dark] = np.maximum(blended[dark], FIELD_LEVEL_U8 + 1)
     region[patch.lesion] = blended[patch.lesion]
 
 

@@ -643,6 +643,11 @@ def _lesion_bank(settings: LesionGenerationConfig, items: list, data: PreparedSe
     training images' masks, in the prepared frame. DatasetError (from the masks) when a case has none."""
     if settings.probability == 0.0:
         return None
+    missing = [path for index in data.indices for path in lesion_mask_paths(items[index]) if not path.exists()]
+    if missing:
+        raise DatasetError(f"--lesion-generation needs lesion masks for every training image (masks/<CODE>/"
+                           f"<case_id>.png beside labels.csv, empty ones included); missing {missing[0]} and "
+                           f"{len(missing) - 1} more")
     bank = LesionBank(config=settings)
     for case, index in enumerate(data.indices):
         item = items[index]

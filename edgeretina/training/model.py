@@ -31,11 +31,12 @@ from torch import nn
 from edgeretina.choices import SALIENCY_KINDS
 from edgeretina.errors import ConfigError
 from edgeretina.grades import LESION_CODES, NUM_GRADES
+from edgeretina.preprocess.config import FIELD_LEVEL_U8
 from edgeretina.training.backbone import BackboneConfig
 from edgeretina.training.factory import build_backbone
 from edgeretina.training.prompts import load_prompts, orthonormal_prototypes
 
-FIELD_LEVEL = 8.0 / 255.0    # brighter than this (brightest channel) is fundus, darker the blacked-out surround
+FIELD_LEVEL = FIELD_LEVEL_U8 / 255.0    # brighter (brightest channel) is fundus, darker the blacked-out surround
 FIELD_NONE, FIELD_FULL = 0.5, 0.95   # fraction of a patch inside the field for weight 0 and weight 1
 GATE_LEVEL, GATE_SHARPNESS = 0.3, 12.0   # deep evidence (of the image's peak) where the gate half opens
 OUTPUT_NAMES = ("ordinal_logits", "prototype_logits", "embedding", "saliency")

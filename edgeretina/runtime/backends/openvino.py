@@ -56,6 +56,9 @@ class OpenVinoRunner(Runner):
         hint = self.measured_precision_hint()
         if hint:
             self.precision_hint_source = "measured at export on this CPU class"
+        elif self._recorded_for_another_class() and self.settings.get("fallback"):
+            # bf16 flipped grades at export: being faster here is no reason to grade with it
+            hint, self.precision_hint_source = "f32", f"f32 on every CPU class: {self.settings['fallback']}"
         elif self._recorded_for_another_class():
             hint = self._remeasured_precision_hint(core)
             self.precision_hint_source = "re-measured on this CPU class (cached)"
