@@ -31,7 +31,7 @@ from edgeretina.preprocess.files import is_image_file, list_images
 from edgeretina.preprocess.fov import FieldOfView, detect_fov
 from edgeretina.preprocess.sources import ImageRef, ImageSource, expand_frames, iter_sources
 from edgeretina.preprocess.geometry import Geometry, grid_presence, map_to_original
-from edgeretina.preprocess.transform import normalize, prepare, preprocess
+from edgeretina.preprocess.transform import input_field_mask, normalize, prepare, preprocess
 
 __all__ = [
     "CLIP_MEAN",
@@ -49,6 +49,7 @@ __all__ = [
     "iter_sources",
     "expand_frames",
     "prepare",
+    "input_field_mask",
     "normalize",
     "preprocess",
     "map_to_original",

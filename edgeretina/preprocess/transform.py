@@ -49,23 +49,28 @@ def prepare(rgb: np.ndarray, config: PreprocessConfig, fov: FieldOfView | None =
         interp = cv2.INTER_AREA if crop.shape[0] > size else cv2.INTER_LINEAR
         out = cv2.resize(crop, (size, size), interpolation=interp)
 
-    mask = None
-    if fov.found:
-        scale = size / side
-        fcx, fcy, fr = (fov.cx - x0) * scale, (fov.cy - y0) * scale, fov.radius * scale
-        mask = _disc_mask(size, fcx, fcy, fr)
-    if config.ben_graham:
-        # average only over pixels 2 px inside the rim: the anti-aliased rim itself is darker
-        support = _disc_mask(size, fcx, fcy, fr - 2.0) if mask is not None else None
-        out = _ben_graham(out, config.ben_graham_sigma * size, support)
-    if config.mask_outside_fov and mask is not None:
-        out[~mask] = 0
     geometry = Geometry(
         original_size=(height, width),
         crop_box=(float(x0), float(y0), float(x0 + side), float(y0 + side)),
         fov=fov,
     )
+    mask = input_field_mask(geometry, size) if fov.found else None
+    if config.ben_graham:
+        # average only over pixels 2 px inside the rim: the anti-aliased rim itself is darker
+        support = input_field_mask(geometry, size, inset=2.0) if mask is not None else None
+        out = _ben_graham(out, config.ben_graham_sigma * size, support)
+    if config.mask_outside_fov and mask is not None:
+        out[~mask] = 0
     return out, geometry
+
+
+def input_field_mask(geometry: Geometry, size: int, inset: float = 0.0) -> np.ndarray:
+    """bool [size, size]: the model-input pixels whose centres lie in the field-of-view circle (`inset`
+    pixels inside its rim) — the pixels `prepare` keeps. The geometry must have found a field."""
+    x0, y0, x1, _ = geometry.crop_box
+    scale = size / (x1 - x0)
+    fov = geometry.fov
+    return _disc_mask(size, (fov.cx - x0) * scale, (fov.cy - y0) * scale, fov.radius * scale - inset)
 
 
 def _crop_padded(rgb: np.ndarray, x0: int, y0: int, side: int) -> np.ndarray:

@@ -25,7 +25,7 @@ import numpy as np
 
 from edgeretina.errors import BackendError, ConfigError, ImageDecodeError, UngradableImageError
 from edgeretina.grades import grade_name
-from edgeretina.preprocess import Geometry, ImageRef, map_to_original, prepare
+from edgeretina.preprocess import Geometry, ImageRef, input_field_mask, map_to_original, prepare
 from edgeretina.quality import REASON_TEXT
 from edgeretina.runtime.grader import GradedImage, Grader
 from edgeretina.runtime.postprocess import grade_results
@@ -210,11 +210,7 @@ def field_mask(geometry: Geometry, size: int) -> np.ndarray:
     `prepare` keeps); every pixel when no field was found (nothing was masked then)."""
     if not geometry.fov.found:
         return np.ones((size, size), bool)
-    x0, y0, x1, _ = geometry.crop_box
-    scale = size / (x1 - x0)
-    cx, cy, r = (geometry.fov.cx - x0) * scale, (geometry.fov.cy - y0) * scale, geometry.fov.radius * scale
-    c = np.arange(size, dtype=np.float32) + 0.5
-    return ((c[None, :] - cx) ** 2 + (c[:, None] - cy) ** 2) <= r * r
+    return input_field_mask(geometry, size)
 
 
 def select_cells(saliency: np.ndarray, field_cells: np.ndarray, removed_cells: np.ndarray,
