@@ -94,9 +94,15 @@ def prepare_images(items: Sequence[LabeledImage], config: PreprocessConfig, work
                        sources=[items[i].source or "unknown" for i in keep], indices=keep)
 
 
+def missing_lesion_masks(items: Sequence[LabeledImage]) -> list[Path]:
+    """The lesion mask files (lesion_mask_paths) the items lack: what the lesion head, the lesion thresholds
+    and lesion generation each need all of."""
+    return [path for item in items for path in lesion_mask_paths(item) if not path.is_file()]
+
+
 def _mask_paths(item: LabeledImage) -> list[Path]:
     paths = lesion_mask_paths(item)
-    missing = [p for p in paths if not p.is_file()]
+    missing = missing_lesion_masks([item])
     if missing:
         raise DatasetError(f"the lesion head needs lesion masks; missing {missing[0]} (and {len(missing) - 1} more)")
     return paths

@@ -33,7 +33,8 @@ from edgeretina.training.calibration import DEFAULT_TARGET_SENSITIVITY, calibrat
 from edgeretina.training.checkpoint import Checkpoint, TrainingBank, save_checkpoint
 from edgeretina.training.contrastive import check_contrastive_config, pretrain_contrastive
 from edgeretina.training.data import (SAMPLERS, PerGradeBatchSampler, PreparedSet, WeightedBatchSampler,
-                                      lesion_mask_paths, prepare_images, sequential_batches, to_model_input)
+                                      lesion_mask_paths, missing_lesion_masks, prepare_images, sequential_batches,
+                                      to_model_input)
 from edgeretina.training.distributed import DistributedContext
 from edgeretina.training.feature_cache import FeatureCache, HeadsOnly, compute_features, predict_from_features
 from edgeretina.training.freezing import FreezePlan, freeze_backbone, keep_frozen_in_eval
@@ -497,8 +498,7 @@ def lesion_truth_grid(model: GraderModel, items: list[LabeledImage]) -> tuple[in
     set otherwise); None when not, and the thresholds are then not fitted."""
     if model.lesion_head is None:
         return None
-    masked = all(path.is_file() for item in items for path in lesion_mask_paths(item))
-    return model.grid_size if masked else None
+    return None if missing_lesion_masks(items) else model.grid_size
 
 
 def _summary(run: _Run, val_metrics: dict, calibration_report: dict, seconds: float) -> dict:
@@ -643,7 +643,7 @@ def _lesion_bank(settings: LesionGenerationConfig, items: list, data: PreparedSe
     training images' masks, in the prepared frame. DatasetError (from the masks) when a case has none."""
     if settings.probability == 0.0:
         return None
-    missing = [path for index in data.indices for path in lesion_mask_paths(items[index]) if not path.exists()]
+    missing = missing_lesion_masks([items[index] for index in data.indices])
     if missing:
         raise DatasetError(f"--lesion-generation needs lesion masks for every training image (masks/<CODE>/"
                            f"<case_id>.png beside labels.csv, empty ones included); missing {missing[0]} and "
