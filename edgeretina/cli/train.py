@@ -7,11 +7,12 @@ from typing import Annotated, Optional
 import typer
 
 from edgeretina.cli import app
-from edgeretina.choices import SALIENCY_KINDS, TRAINING_DEVICES, TRAINING_SAMPLERS
+from edgeretina.choices import LESION_DETAILS, SALIENCY_KINDS, TRAINING_DEVICES, TRAINING_SAMPLERS
 from edgeretina.cli._options import ComputeThreadsOption, SeedOption, TrainingPrecision, choice_enum
 
 Sampler = choice_enum("Sampler", TRAINING_SAMPLERS)
 SaliencyKind = choice_enum("SaliencyKind", SALIENCY_KINDS)
+LesionDetail = choice_enum("LesionDetail", LESION_DETAILS)
 Device = choice_enum("Device", TRAINING_DEVICES)
 
 
@@ -32,6 +33,8 @@ def train(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
     lr: Annotated[float, typer.Option("--lr")] = 1e-3,
     lesion_head: Annotated[bool, typer.Option("--lesion-head", help="Train a patch-level lesion head (needs masks/<CODE>/<case_id>.png beside labels.csv).")] = False,
+    lesion_detail: Annotated[LesionDetail, typer.Option("--lesion-detail", help="patch: lesion maps on the patch grid; fine: on the stride-8 map (ResNet towers; 32x32 at 256 px).")] = LesionDetail("patch"),
+    lesion_to_grade: Annotated[bool, typer.Option("--lesion-to-grade", help="Side connection: the lesion head's image-level presences feed the grade (needs --lesion-head).")] = False,
     saliency: Annotated[SaliencyKind, typer.Option("--saliency", help="deep: the last layer's patch evidence; gated: ELLG's gated fusion with a shallow layer (open_clip ViT and ResNet towers).")] = SaliencyKind("deep"),
     ben_graham: Annotated[bool, typer.Option("--ben-graham", help="Local-average subtraction preprocessing.")] = False,
     precision: Annotated[TrainingPrecision, typer.Option("--precision", help="auto = bf16 only where the CPU has bf16 units; fp16 on CUDA.")] = TrainingPrecision("auto"),
@@ -62,7 +65,8 @@ def train(
     from edgeretina.training.model import ModelConfig
 
     model = ModelConfig(backbone=BackboneConfig(name=arch, pretrained=pretrained, image_size=image_size),
-                        lesion_head=lesion_head, saliency=saliency.value)
+                        lesion_head=lesion_head, saliency=saliency.value, lesion_detail=lesion_detail.value,
+                        lesion_to_grade=lesion_to_grade)
     specs = [f"csv:{labels}"] if labels is not None else []
     config = TrainConfig(data=tuple(specs + list(data or [])), out=out, model=model,
                          val_data=tuple(_spec_or_labels(v) for v in val or []), val_fraction=val_fraction,

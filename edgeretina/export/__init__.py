@@ -57,7 +57,7 @@ def _manifest(ctx: ExportContext) -> Manifest:
     shapes = {"ordinal_logits": ["B", 4], "prototype_logits": ["B", 5], "embedding": ["B", model.backbone.embed_dim],
               "saliency": ["B", h, w]}
     if "lesion_logits" in model.output_names:
-        shapes["lesion_logits"] = ["B", model.lesion_head.out_features, h, w]
+        shapes["lesion_logits"] = ["B", model.lesion_head.out_features, *model.lesion_grid_size]
     return Manifest(
         model={"arch": ckpt.model_config.to_dict(), "input_size": ckpt.preprocess.image_size,
                "preprocess": ckpt.preprocess.to_dict(), "embed_dim": model.backbone.embed_dim,

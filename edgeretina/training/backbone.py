@@ -91,13 +91,19 @@ class VisionBackbone(nn.Module):
     def num_tokens(self) -> int:
         return self.grid_size[0] * self.grid_size[1]
 
-    def forward(self, images: torch.Tensor, shallow: bool = False) -> tuple[torch.Tensor, ...]:
+    def forward(self, images: torch.Tensor, shallow: bool = False, fine: bool = False) -> tuple[torch.Tensor, ...]:
         """(pooled, tokens), or with shallow (pooled, tokens, shallow tokens [B, h*w, shallow_dim]) in one
-        pass; ConfigError for shallow on a tower without a shallow path. Always called as the module (never
-        adapter methods directly), so exported graphs keep the backbone's scope for the INT8 steps."""
-        if shallow:
-            return self.adapter.forward_layers(self.visual, images)
+        pass, and with fine the fine map [B, shallow_dim, fine_scale*h, fine_scale*w] fourth; ConfigError for
+        a path the tower does not have. Always called as the module (never adapter methods directly), so
+        exported graphs keep the backbone's scope for the INT8 steps."""
+        if shallow or fine:
+            return self.adapter.forward_layers(self.visual, images, fine=fine)
         return self.adapter.forward(self.visual, images)
+
+    @property
+    def fine_scale(self) -> int:
+        """The fine map's cells per grid cell along each side (0: this tower has no fine path)."""
+        return self.adapter.fine_scale
 
     @property
     def shallow_dim(self) -> int:

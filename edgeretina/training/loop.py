@@ -270,7 +270,7 @@ def _set_up(config: TrainConfig, ctx: DistributedContext, log: Logger) -> _Run:
                                   std=tuple(model.backbone.std), ben_graham=config.ben_graham)
     train_items, val_items, data_summary = _split(config, log)   # deterministic: the same in every process
     log(f"data: {len(train_items)} train {grade_counts(train_items)}, {len(val_items)} val {grade_counts(val_items)}")
-    lesion_grid = model.grid_size if model.lesion_head is not None else None
+    lesion_grid = model.lesion_grid_size if model.lesion_head is not None else None
     train_set = prepare_images(train_items, preprocess, config.workers, lesion_grid=lesion_grid)
     val_set = prepare_images(val_items, preprocess, config.workers, lesion_grid=lesion_truth_grid(model, val_items))
     for path, reason in train_set.skipped + val_set.skipped:
@@ -280,7 +280,8 @@ def _set_up(config: TrainConfig, ctx: DistributedContext, log: Logger) -> _Run:
     sampler = _sampler(config, train_set.grades, ctx, log)
     augment_rng = np.random.default_rng([config.seed, _AUGMENT_STREAM, ctx.rank])
     bank = _lesion_bank(config.lesion_generation, train_items, train_set, preprocess, log)
-    cached = config.cache_features and plan.backbone_frozen and not config.augment and bank is None
+    fine_map = model.fine_lesion_head is not None     # [N, C, 32, 32] a 256 px image: too big to cache
+    cached = config.cache_features and plan.backbone_frozen and not config.augment and bank is None and not fine_map
     if plan.backbone_frozen and config.augment:
         log("backbone frozen with augmentation on: it runs every step (no feature cache)")
     autocast = lambda: _autocast(precision, ctx)  # noqa: E731
@@ -498,7 +499,7 @@ def lesion_truth_grid(model: GraderModel, items: list[LabeledImage]) -> tuple[in
     set otherwise); None when not, and the thresholds are then not fitted."""
     if model.lesion_head is None:
         return None
-    return None if missing_lesion_masks(items) else model.grid_size
+    return None if missing_lesion_masks(items) else model.lesion_grid_size
 
 
 def _summary(run: _Run, val_metrics: dict, calibration_report: dict, seconds: float) -> dict:

@@ -71,17 +71,23 @@ def saliency_mil_loss(saliency_logits: torch.Tensor, grades: torch.Tensor, top_k
 
 
 def lesion_loss(lesion_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Dual loss of the lesion segmentation literature (L-Net, SiAN): BCE for every patch plus soft Dice
-    per lesion type, which keeps rare, tiny lesions (a microaneurysm is one patch of 49) from being
-    drowned by the background."""
+    """SiAN's dual loss on a lesion map [B, L, h, w]: BCE for every cell plus soft Dice per image and lesion
+    type on the maps, which keeps rare, tiny lesions (a microaneurysm is one patch of 49) from being drowned
+    by the background, plus soft Dice per lesion type over the batch on the max-pooled image-level presence,
+    which asks the map's peak to say whether the image has the lesion at all."""
     bce = F.binary_cross_entropy_with_logits(lesion_logits, targets)
     probs = torch.sigmoid(lesion_logits).flatten(2)
     flat = targets.flatten(2)
-    dice = 1.0 - (2.0 * (probs * flat).sum(-1) + 1.0) / (probs.sum(-1) + flat.sum(-1) + 1.0)
-    return bce + dice.mean()
+    map_dice = _soft_dice(probs, flat, dim=-1)                                  # [B, L]
+    presence_dice = _soft_dice(probs.amax(dim=-1).t(), flat.amax(dim=-1).t(), dim=-1)   # [L] over the batch
+    return bce + map_dice.mean() + presence_dice.mean()
 
 
-_WEIGHT_OF = {"shallow": "saliency"}   # a loss part -> the LossWeights field that weighs it
+def _soft_dice(probs: torch.Tensor, targets: torch.Tensor, dim: int) -> torch.Tensor:
+    return 1.0 - (2.0 * (probs * targets).sum(dim) + 1.0) / (probs.sum(dim) + targets.sum(dim) + 1.0)
+
+
+_WEIGHT_OF = {"shallow": "saliency", "lesion_coarse": "lesion"}   # a loss part -> the LossWeights field weighing it
 
 
 def grader_loss(outputs: dict[str, torch.Tensor], grades: torch.Tensor, weights: LossWeights,
@@ -96,5 +102,9 @@ def grader_loss(outputs: dict[str, torch.Tensor], grades: torch.Tensor, weights:
         parts["shallow"] = saliency_mil_loss(outputs["shallow_logits"].float(), grades, weights.saliency_top_k)
     if lesion_targets is not None and "lesion_logits" in outputs:
         parts["lesion"] = lesion_loss(outputs["lesion_logits"].float(), lesion_targets)
+        if "lesion_coarse_logits" in outputs:   # fine lesion head: the patch grid learns too (a cell has a
+            coarse = outputs["lesion_coarse_logits"].float()   # lesion when any of its fine cells has)
+            scale = lesion_targets.shape[-1] // coarse.shape[-1]
+            parts["lesion_coarse"] = lesion_loss(coarse, F.max_pool2d(lesion_targets, scale, scale))
     total = sum(getattr(weights, _WEIGHT_OF.get(name, name)) * value for name, value in parts.items())
     return total, {name: float(value.detach()) for name, value in parts.items()}

@@ -8,6 +8,12 @@
   how much closer it sits to the nearest disease prototype than to the healthy one (CLPI-style patch
   attention; no autograd needed on the device);
 - optional lesion head: per-patch lesion logits, image-level presence by global max pooling (CLPI, SiAN);
+  with ``lesion_detail="fine"`` (ResNet towers) the logits live on the stride-8 layer2 map instead: the patch
+  logits, upsampled, say what and roughly where, a small convolution over layer2 (with the deep patch features
+  broadcast onto it) says where exactly — a 32x32 map at 256 px where the patch grid is 8x8 (FPN-style);
+- optional side connection (``lesion_to_grade``): the image-level lesion presences feed the CORAL logits
+  through one learned weight per lesion type (shared by every threshold, so the ranks stay consistent),
+  zero at the start: lesion evidence may inform the grade, it is not forced to (SiAN);
 - gated multi-layer saliency (ELLG; ``saliency="gated"``): a shallow layer's patches (ViT middle block,
   ResNet layer2) get their own evidence head; both maps are normalised to their image's peak, multiplied
   (geometric mean: fine shallow detail where the deep layer agrees) and gated by the deep map
@@ -28,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeretina.choices import SALIENCY_KINDS
+from edgeretina.choices import LESION_DETAILS, SALIENCY_KINDS
 from edgeretina.errors import ConfigError
 from edgeretina.grades import LESION_CODES, NUM_GRADES
 from edgeretina.preprocess.config import FIELD_LEVEL_U8
@@ -50,26 +56,36 @@ class ModelConfig:
     projection_hidden: int = 0          # 0: a single linear projection; >0: a two-layer MLP
     init_logit_scale: float = 10.0      # CLIP-style temperature for the cosine similarities
     saliency: str = "deep"              # "deep": the final layer's patch evidence; "gated": ELLG's fusion
+    lesion_detail: str = "patch"        # "patch": lesion logits on the patch grid; "fine": on the stride-8 map
+    lesion_to_grade: bool = False       # side connection: image-level lesion presence -> the CORAL logits
 
     def __post_init__(self):
         if self.saliency not in SALIENCY_KINDS:
             raise ConfigError(f"saliency must be one of {list(SALIENCY_KINDS)}, got {self.saliency!r}")
+        if self.lesion_detail not in LESION_DETAILS:
+            raise ConfigError(f"lesion detail must be one of {list(LESION_DETAILS)}, got {self.lesion_detail!r}")
+        if not self.lesion_head and (self.lesion_detail != "patch" or self.lesion_to_grade):
+            raise ConfigError("fine lesion maps and the lesion-to-grade connection need the lesion head")
 
     def to_dict(self) -> dict:
         return {"backbone": self.backbone.to_dict(), "lesion_head": self.lesion_head,
                 "projection_hidden": self.projection_hidden, "init_logit_scale": self.init_logit_scale,
-                "saliency": self.saliency}
+                "saliency": self.saliency, "lesion_detail": self.lesion_detail,
+                "lesion_to_grade": self.lesion_to_grade}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
-        unknown = set(data) - {"backbone", "lesion_head", "projection_hidden", "init_logit_scale", "saliency"}
+        unknown = set(data) - {"backbone", "lesion_head", "projection_hidden", "init_logit_scale", "saliency",
+                               "lesion_detail", "lesion_to_grade"}
         if unknown:
             raise ConfigError(f"unknown model config keys: {sorted(unknown)}")
         return cls(backbone=BackboneConfig.from_dict(data["backbone"]),
                    lesion_head=bool(data.get("lesion_head", False)),
                    projection_hidden=int(data.get("projection_hidden", 0)),
                    init_logit_scale=float(data.get("init_logit_scale", 10.0)),
-                   saliency=str(data.get("saliency", "deep")))
+                   saliency=str(data.get("saliency", "deep")),
+                   lesion_detail=str(data.get("lesion_detail", "patch")),
+                   lesion_to_grade=bool(data.get("lesion_to_grade", False)))
 
 
 class GraderModel(nn.Module):
@@ -112,43 +128,62 @@ class GraderModel(nn.Module):
         self.saliency_bias = nn.Parameter(torch.tensor(-2.0))
         self.lesion_head = nn.Linear(dim, len(LESION_CODES)) if config.lesion_head else None
         self.shallow_head = _shallow_head(self.backbone.shallow_dim) if config.saliency == "gated" else None
+        self.fine_lesion_head = (FineLesionHead(self.backbone.shallow_dim, dim, len(LESION_CODES), self.backbone.fine_scale)
+                                 if config.lesion_detail == "fine" else None)
+        self.lesion_side = _lesion_side() if config.lesion_to_grade else None
 
     @property
     def grid_size(self) -> tuple[int, int]:
         return self.backbone.grid_size
 
     @property
+    def lesion_grid_size(self) -> tuple[int, int]:
+        """The grid of `lesion_logits` (and of the lesion targets training reads): the patch grid, or the
+        stride-8 map with the fine lesion head."""
+        if self.fine_lesion_head is None:
+            return self.grid_size
+        h, w = self.grid_size
+        return h * self.fine_lesion_head.scale, w * self.fine_lesion_head.scale
+
+    @property
     def output_names(self) -> tuple[str, ...]:
         return OUTPUT_NAMES + ((LESION_OUTPUT,) if self.lesion_head is not None else ())
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.forward_heads(*self.forward_features(images), field=self.field_weights(images))
+        pooled, tokens, *rest = self.forward_features(images)
+        shallow, fine = (rest + [None, None])[:2]
+        fine_field = self.field_weights(images, self.lesion_grid_size) if fine is not None else None
+        return self.forward_heads(pooled, tokens, shallow, self.field_weights(images), fine=fine, fine_field=fine_field)
 
-    def field_weights(self, images: torch.Tensor) -> torch.Tensor:
+    def field_weights(self, images: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """[B, h*w] in 0..1: how far each patch lies inside the fundus field of the normalised input.
 
         The shared preprocessing blacks out everything outside the field (mask_outside_fov), so a pixel is
         in the field when its brightest channel, un-normalised, is above FIELD_LEVEL. A patch at least
         FIELD_FULL inside weighs 1, one at most FIELD_NONE inside weighs 0, linear between: the patches the
-        field edge cuts, whose tokens mix fundus and black and lit up as a ring, carry no evidence."""
+        field edge cuts, whose tokens mix fundus and black and lit up as a ring, carry no evidence.
+        grid: the cells to weigh (default the patch grid; the fine lesion map's grid for its logits)."""
         mean = images.new_tensor(self.backbone.mean).view(1, 3, 1, 1)
         std = images.new_tensor(self.backbone.std).view(1, 3, 1, 1)
         inside = ((images * std + mean).amax(dim=1, keepdim=True) > FIELD_LEVEL).to(images.dtype)
-        h, w = self.grid_size
+        h, w = grid or self.grid_size
         size = self.backbone.image_size      # static: the exporters need constant pooling kernels
         kernel = (size // h, size // w)
         fraction = F.avg_pool2d(inside, kernel_size=kernel, stride=kernel)[..., :h, :w]
         return ((fraction - FIELD_NONE) / (FIELD_FULL - FIELD_NONE)).clamp(0.0, 1.0).flatten(1)
 
     def forward_features(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The backbone alone: (pooled [B, D], tokens [B, h*w, D]), and the shallow layer's tokens
-        [B, h*w, C] third with gated saliency; what the frozen-backbone cache keeps."""
-        return self.backbone(images, shallow=self.shallow_head is not None)
+        """The backbone alone: (pooled [B, D], tokens [B, h*w, D]), the shallow layer's tokens [B, h*w, C]
+        third with gated saliency or the fine lesion head, and the fine map [B, C, H, W] fourth with the fine
+        lesion head; what the frozen-backbone cache keeps (never the fine map: the cache is off then)."""
+        fine = self.fine_lesion_head is not None
+        return self.backbone(images, shallow=self.shallow_head is not None or fine, fine=fine)
 
     def forward_heads(self, pooled: torch.Tensor, tokens: torch.Tensor, shallow: torch.Tensor | None = None,
-                      field: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Every output from the backbone's (pooled, tokens[, shallow]) and the patches' field weights
-        [B, h*w] (None: no restriction); forward = forward_heads(*forward_features, field=field_weights)."""
+                      field: torch.Tensor | None = None, *, fine: torch.Tensor | None = None,
+                      fine_field: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Every output from the backbone's pooled, tokens, shallow tokens and fine map (forward_features) and
+        the field weights of the patches [B, h*w] and of the fine lesion cells (None: no restriction)."""
         z = self.projection(pooled)
         embedding = F.normalize(z, dim=-1)
         patches = F.normalize(self.projection(tokens), dim=-1)              # [B, N, D]
@@ -177,9 +212,69 @@ class GraderModel(nn.Module):
             out["saliency_deep"] = deep.reshape(-1, h, w)                     # not exported: for comparison
             out["shallow_logits"] = shallow_evidence.reshape(-1, h, w)        # training only
         if self.lesion_head is not None:
-            lesion = self.lesion_head(patches) + (outside.unsqueeze(-1) if field is not None else 0.0)
-            out[LESION_OUTPUT] = lesion.transpose(1, 2).reshape(-1, len(LESION_CODES), h, w)
+            out.update(self._lesion_outputs(patches, fine, field, fine_field, ordinal_logits))
         return out
+
+    def _lesion_outputs(self, patches: torch.Tensor, fine: torch.Tensor | None, field: torch.Tensor | None,
+                        fine_field: torch.Tensor | None, ordinal_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """lesion_logits [B, L, *lesion_grid_size] restricted to the field; with the fine head also the patch
+        grid's logits (`lesion_coarse_logits`, training only), with the side connection the ordinal logits
+        moved by the lesion presences."""
+        h, w = self.grid_size
+        lesion = self.lesion_head(patches).transpose(1, 2).reshape(-1, len(LESION_CODES), h, w)
+        out = {}
+        if self.fine_lesion_head is not None:
+            if fine is None:
+                raise ConfigError("the fine lesion head needs the backbone's fine map (forward_features gives it)")
+            out["lesion_coarse_logits"] = lesion + _grid_offset(field, lesion)
+            lesion, field = self.fine_lesion_head(fine, patches, lesion), fine_field
+        lesion = lesion + _grid_offset(field, lesion)
+        out[LESION_OUTPUT] = lesion
+        if self.lesion_side is not None:
+            presence = torch.sigmoid(lesion.flatten(2).amax(dim=-1))                  # [B, L]
+            out["ordinal_logits"] = ordinal_logits + self.lesion_side(presence.to(ordinal_logits.dtype))
+        return out
+
+
+class FineLesionHead(nn.Module):
+    """Lesion logits on the stride-8 map (see the module doc): upsample(patch logits) + a refinement from
+    layer2 plus the deep patch features broadcast onto it. The refinement's last layer starts at zero, so
+    training starts from the patch grid's answer and learns where inside each patch the lesion sits."""
+
+    def __init__(self, fine_dim: int, embed_dim: int, lesions: int, scale: int, width: int = 32):
+        super().__init__()
+        if scale <= 0 or fine_dim <= 0:
+            raise ConfigError("fine lesion maps need a tower with a stride-8 map (an open_clip ModifiedResNet); "
+                              "use lesion detail 'patch'")
+        self.scale = scale
+        self.fine = nn.Conv2d(fine_dim, width, kernel_size=1)
+        self.deep = nn.Linear(embed_dim, width)
+        self.refine = nn.Sequential(nn.GELU(), nn.Conv2d(width, width, kernel_size=3, padding=1), nn.GELU(),
+                                    nn.Conv2d(width, lesions, kernel_size=1))
+        nn.init.zeros_(self.refine[-1].weight)
+        nn.init.zeros_(self.refine[-1].bias)
+
+    def forward(self, fine: torch.Tensor, patches: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        h, w = coarse.shape[-2:]
+        deep = self.deep(patches).transpose(1, 2).reshape(patches.shape[0], -1, h, w)
+        detail = self.refine(self.fine(fine.to(deep.dtype)) + self._up(deep))
+        return self._up(coarse) + detail
+
+    def _up(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, scale_factor=float(self.scale), mode="nearest")
+
+
+def _lesion_side() -> nn.Module:
+    side = nn.Linear(len(LESION_CODES), 1, bias=False)
+    nn.init.zeros_(side.weight)
+    return side
+
+
+def _grid_offset(field: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor | float:
+    """The field offset (log weight, _outside_field_offset) of cells [B, h*w] shaped like logits [B, L, h, w]."""
+    if field is None:
+        return 0.0
+    return _outside_field_offset(field).reshape(field.shape[0], 1, *logits.shape[-2:])
 
 
 def gated_saliency(deep: torch.Tensor, shallow: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,9 @@ open_clip's CoCa-style attentional poolers give query tokens, not patch tokens, 
 A shallow layer's tokens, for the gated multi-layer saliency (model.py): ``forward_layers(tower, images)`` gives
 (pooled, tokens, shallow [B, h*w, C]) in one pass — the ViT's patch tokens after the middle block, the
 ResNet's layer2 map average-pooled onto the final grid. The timm kinds have no shallow path yet
-(ConfigError).
+(ConfigError). ``forward_layers(tower, images, fine=True)`` adds the ResNet's layer2 map itself
+[B, C, fine_scale*h, fine_scale*w] (stride 8), what the fine lesion head draws on; the ViT has nothing
+finer than its patches (fine_scale 0: no fine path).
 
 An adapter reads the tower's geometry once (``image_size``, ``grid_size``, ``embed_dim``, ``token_path``,
 ``mean``, ``std``)
@@ -75,11 +77,12 @@ class TowerAdapter:
     std: tuple[float, float, float]
 
     shallow_dim: int = 0   # channels of forward_layers' shallow tokens; 0: no shallow path
+    fine_scale: int = 0    # the fine map's cells per grid cell along each side; 0: no fine path
 
     def forward(self, tower: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def forward_layers(self, tower: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward_layers(self, tower: nn.Module, images: torch.Tensor, fine: bool = False) -> tuple[torch.Tensor, ...]:
         raise ConfigError(f"{self.kind} towers have no shallow-layer path: gated saliency needs an open_clip "
                           "ViT or ModifiedResNet tower (use saliency 'deep')")
 
@@ -139,8 +142,11 @@ class VitAdapter(TowerAdapter):
         pooled, tokens = tower(images)  # tokens: before proj; after ln_post unless final_ln_after_pool
         return pooled, self._joint_tokens(tower, tokens)
 
-    def forward_layers(self, tower: VisionTransformer, images: torch.Tensor):
+    def forward_layers(self, tower: VisionTransformer, images: torch.Tensor, fine: bool = False):
         """VisionTransformer.forward's own steps, keeping the middle block's patch tokens on the way."""
+        if fine:
+            raise ConfigError("a ViT tower has nothing finer than its patch grid: fine lesion maps need an open_clip "
+                              "ModifiedResNet tower (use lesion detail 'patch')")
         x, taken = tower.transformer.forward_intermediates(tower._embeds(images), indices=[self.shallow_index])
         pooled, tokens = tower._pool(x)
         if tower.proj is not None:
@@ -168,16 +174,18 @@ class ResNetAdapter(TowerAdapter):
         last_block = tower.layer2[-1]
         self.shallow_dim = int(last_block.bn3.num_features)
         self.shallow_stride = 4    # layer2 is at 1/8 of the input, layer4 (the grid) at 1/32
+        self.fine_scale = self.shallow_stride
 
     def forward(self, tower: ModifiedResNet, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = tower.stem(images)
         return self._pooled_and_tokens(tower, tower.layer4(tower.layer3(tower.layer2(tower.layer1(x)))))
 
-    def forward_layers(self, tower: ModifiedResNet, images: torch.Tensor):
+    def forward_layers(self, tower: ModifiedResNet, images: torch.Tensor, fine: bool = False):
         shallow = tower.layer2(tower.layer1(tower.stem(images)))
         pooled, tokens = self._pooled_and_tokens(tower, tower.layer4(tower.layer3(shallow)))
         k = self.shallow_stride
-        return pooled, tokens, nn.functional.avg_pool2d(shallow, k, k).flatten(2).transpose(1, 2)
+        out = (pooled, tokens, nn.functional.avg_pool2d(shallow, k, k).flatten(2).transpose(1, 2))
+        return out + (shallow,) if fine else out
 
     @staticmethod
     def _pooled_and_tokens(tower: ModifiedResNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,139 @@
+"""The fine lesion head (stride-8 lesion maps, ResNet towers), SiAN's presence Dice and the lesion-to-grade
+side connection (training/model.py, training/losses.py)."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edgeretina.errors import ConfigError
+from edgeretina.grades import LESION_CODES
+from edgeretina.preprocess import PreprocessConfig
+from edgeretina.training.backbone import BackboneConfig
+from edgeretina.training.data import to_model_input
+from edgeretina.training.losses import lesion_loss
+from edgeretina.training.model import GraderModel, ModelConfig
+
+L = len(LESION_CODES)
+
+
+def _model(**kwargs) -> GraderModel:
+    torch.manual_seed(0)
+    return GraderModel(ModelConfig(backbone=BackboneConfig(name="edgeretina-tiny-rn", image_size=64), lesion_head=True, **kwargs)).eval()
+
+
+def _disc(size: int = 64, radius: float = 0.45) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size]
+    inside = (yy - size / 2 + 0.5) ** 2 + (xx - size / 2 + 0.5) ** 2 <= (radius * size) ** 2
+    image = np.zeros((1, size, size, 3), np.uint8)
+    image[0][inside] = (150, 60, 30)
+    return image
+
+
+def _inputs(model, images_u8):
+    return to_model_input(images_u8, PreprocessConfig(image_size=64, mean=tuple(model.backbone.mean),
+                                                      std=tuple(model.backbone.std)))
+
+
+def test_fine_maps_are_four_times_the_patch_grid_and_start_from_the_patch_answer():
+    model = _model(lesion_detail="fine")
+    h, w = model.grid_size
+    assert model.lesion_grid_size == (4 * h, 4 * w)
+    with torch.no_grad():
+        out = model(_inputs(model, np.full((2, 64, 64, 3), 150, np.uint8)))   # all field: no restriction
+    assert out["lesion_logits"].shape == (2, L, 4 * h, 4 * w)
+    assert out["lesion_coarse_logits"].shape == (2, L, h, w)
+    upsampled = F.interpolate(out["lesion_coarse_logits"], scale_factor=4.0, mode="nearest")
+    torch.testing.assert_close(out["lesion_logits"], upsampled, atol=1e-5, rtol=0)   # zero refinement at start
+    with torch.no_grad():
+        model.fine_lesion_head.refine[-1].bias.fill_(1.0)
+        moved = model(_inputs(model, np.full((1, 64, 64, 3), 150, np.uint8)))["lesion_logits"]
+    torch.testing.assert_close(moved, upsampled[:1] + 1.0, atol=1e-5, rtol=0)
+
+
+def test_fine_cells_outside_the_field_carry_no_lesion():
+    model = _model(lesion_detail="fine")
+    with torch.no_grad():
+        model.lesion_head.bias.fill_(4.0)            # every lesion everywhere, unless the field says otherwise
+        image = _disc()
+        probs = torch.sigmoid(model(_inputs(model, image))["lesion_logits"])[0].numpy()
+    gh, gw = model.lesion_grid_size
+    k = 64 // gh
+    fraction = (image[0].max(axis=-1) > 8).reshape(gh, k, gw, k).mean(axis=(1, 3))
+    outside, inside = fraction <= 0.5, fraction >= 0.95
+    assert outside.any() and inside.any()
+    assert probs[:, outside].max() < 0.01 and probs[:, inside].min() > 0.95
+
+
+def test_fine_detail_needs_a_stride_8_tower_and_the_lesion_head():
+    with pytest.raises(ConfigError, match="need the lesion head"):
+        ModelConfig(lesion_detail="fine")
+    with pytest.raises(ConfigError, match="need the lesion head"):
+        ModelConfig(lesion_to_grade=True)
+    with pytest.raises(ConfigError, match="lesion detail must be one of"):
+        ModelConfig(lesion_head=True, lesion_detail="pixel")
+    with pytest.raises(ConfigError, match="nothing finer than its patch grid|stride-8"):
+        GraderModel(ModelConfig(backbone=BackboneConfig(name="edgeretina-tiny-vit", image_size=64), lesion_head=True,
+                                lesion_detail="fine"), for_checkpoint=True)
+    config = ModelConfig(backbone=BackboneConfig(name="edgeretina-tiny-rn", image_size=64), lesion_head=True, lesion_detail="fine",
+                         lesion_to_grade=True)
+    assert ModelConfig.from_dict(config.to_dict()) == config
+
+
+def test_side_connection_moves_every_ordinal_logit_by_the_weighted_presences():
+    model = _model(lesion_to_grade=True)
+    x = _inputs(model, np.full((2, 64, 64, 3), 150, np.uint8))
+    with torch.no_grad():
+        before = model(x)
+        weights = torch.arange(1.0, L + 1.0)
+        model.lesion_side.weight.copy_(weights[None])
+        after = model(x)
+    torch.testing.assert_close(before["ordinal_logits"], model.coral_weight(model.projection(
+        model.forward_features(x)[0])) + model.coral_bias)   # starts as no connection at all
+    presence = torch.sigmoid(after["lesion_logits"].flatten(2).amax(-1))
+    shift = (presence * weights).sum(-1, keepdim=True)
+    torch.testing.assert_close(after["ordinal_logits"] - before["ordinal_logits"], shift.expand(-1, 4))
+
+
+def test_presence_dice_punishes_a_lesion_peak_in_an_image_without_that_lesion():
+    targets = torch.zeros(4, L, 4, 4)
+    targets[:2, 0, 1, 1] = 1.0                       # two images have one MA cell, two have none
+    perfect = torch.where(targets > 0, 12.0, -12.0)
+    assert float(lesion_loss(perfect, targets)) < 0.02
+    spurious = perfect.clone()
+    spurious[2, 0, 3, 3] = 12.0                      # an image without MA shows a confident MA cell
+    # the map Dice of an empty image can only see the background; presence Dice over the batch sees the
+    # false image-level positive: 1 - 2*2/(3 + 2) = 0.2 on MA, /L over the types, on top of BCE 12/(16*L*4)
+    extra = float(lesion_loss(spurious, targets) - lesion_loss(perfect, targets))
+    assert extra > 0.2 / L + 0.0
+
+
+def test_fine_training_exports_and_the_runtime_reads_the_fine_map(phantom_train, phantom_test, tmp_path):
+    from edgeretina.bundle import load_bundle
+    from edgeretina.dataset import read_labels
+    from edgeretina.export import ExportConfig, export
+    from edgeretina.runtime import Grader
+    from edgeretina.runtime.backends import create_runner
+    from edgeretina.training.checkpoint import load_checkpoint
+    from edgeretina.training.loop import TrainConfig, train
+
+    config = ModelConfig(backbone=BackboneConfig(name="edgeretina-tiny-rn", image_size=64), lesion_head=True, lesion_detail="fine",
+                         lesion_to_grade=True)
+    result = train(TrainConfig(data=phantom_train, out=tmp_path / "f.pt", epochs=1, batch_size=16, workers=1,
+                               val_fraction=0.2, model=config), log=lambda _: None, show_progress=False)
+    ckpt = load_checkpoint(result.checkpoint)
+    losses = ckpt.summary["history"][0]["loss"]
+    assert {"lesion", "lesion_coarse"} <= set(losses)
+    assert ckpt.model.fine_lesion_head.refine[-1].weight.abs().sum() > 0   # the refinement learned
+    bundle = export(ExportConfig(checkpoint=result.checkpoint, out=tmp_path / "b", reference_images=phantom_test,
+                                 reference_count=4), log=lambda _: None)
+    manifest = load_bundle(bundle).manifest
+    gh, gw = ckpt.model.lesion_grid_size
+    assert manifest.outputs["shapes"]["lesion_logits"] == ["B", L, gh, gw]
+    x = _inputs(ckpt.model, _disc())
+    expected = ckpt.model(x)
+    got = create_runner("onnxruntime", bundle / "model.onnx").run(x.numpy())
+    for name in ("lesion_logits", "ordinal_logits"):
+        np.testing.assert_allclose(got[name], expected[name].detach().numpy(), atol=2e-4)
+    graded = next(Grader(bundle, threads=1).grade_iter([read_labels(phantom_test)[0].path]))
+    assert [entry["code"] for entry in graded.record.lesions] == list(LESION_CODES)
