@@ -22,6 +22,7 @@ TRAINING_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TRAINING_SAMPLERS = ("per_grade", "weighted")            # training/data.py
 SALIENCY_KINDS = ("deep", "gated")                        # training/model.py
 LESION_DETAILS = ("patch", "fine")                        # training/model.py: lesion maps on the patch grid or stride 8
+LESION_LABELS = ("masks", "image")                        # training/loop.py: pixel masks or image-level labels (weak)
 TRAINING_DEVICES = ("cpu", "cuda")                       # training/loop.py, training/distributed.py
 BANK_DTYPES = ("float16", "int8")                      # bank.npz on disk (bank_storage.py)
 BACKENDS = ("onnxruntime", "tensorrt", "openvino")     # runtime/backends/registry.py maps each to its runner

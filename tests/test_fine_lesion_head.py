@@ -137,3 +137,54 @@ def test_fine_training_exports_and_the_runtime_reads_the_fine_map(phantom_train,
         np.testing.assert_allclose(got[name], expected[name].detach().numpy(), atol=2e-4)
     graded = next(Grader(bundle, threads=1).grade_iter([read_labels(phantom_test)[0].path]))
     assert [entry["code"] for entry in graded.record.lesions] == list(LESION_CODES)
+
+
+def test_image_level_labels_come_from_code_or_count_columns():
+    from pathlib import Path
+
+    from edgeretina.dataset import LabeledImage
+    from edgeretina.errors import DatasetError
+    from edgeretina.training.data import image_lesion_labels
+
+    counts = {f"n_{code}": str(i) for i, code in enumerate(LESION_CODES)}      # n_MA=0, n_HE=1, ...
+    flags = {code: "1" if code == "EX" else "0" for code in LESION_CODES}
+    items = [LabeledImage(Path("a.png"), "a", 2, extra=counts), LabeledImage(Path("b.png"), "b", 1, extra=flags)]
+    labels = image_lesion_labels(items)
+    assert labels.tolist() == [[0, 1, 1, 1, 1, 1], [int(code == "EX") for code in LESION_CODES]]
+    with pytest.raises(DatasetError, match="c: no image-level label for MA"):
+        image_lesion_labels([LabeledImage(Path("c.png"), "c", 0)])
+    with pytest.raises(DatasetError, match="not a number"):
+        image_lesion_labels([LabeledImage(Path("d.png"), "d", 0, extra={**counts, "n_MA": "many"})])
+
+
+def test_presence_loss_sees_only_each_type_s_peak():
+    labels = torch.tensor([[1.0] + [0.0] * (L - 1), [0.0] * L])
+    logits = torch.full((2, L, 4, 4), -12.0)
+    logits[0, 0, 2, 3] = 12.0                        # one MA cell in the image labelled MA: nothing to learn
+    assert float(lesion_loss(logits, labels)) < 0.02
+    moved = logits.clone()
+    moved[0, 0, 2, 3], moved[0, 0, 0, 0] = -12.0, 12.0   # where the cell is does not matter to weak labels
+    assert float(lesion_loss(moved, labels)) == pytest.approx(float(lesion_loss(logits, labels)))
+    missed = torch.full((2, L, 4, 4), -12.0)
+    assert float(lesion_loss(missed, labels)) > 1.0    # the labelled MA has no cell
+
+
+def test_weak_training_learns_presence_from_image_labels_alone(phantom_train, tmp_path):
+    import shutil
+
+    from edgeretina.training.checkpoint import load_checkpoint
+    from edgeretina.training.loop import TrainConfig, train
+
+    data = tmp_path / "nomasks"
+    shutil.copytree(phantom_train.parent, data, ignore=shutil.ignore_patterns("masks"))
+    config = ModelConfig(backbone=BackboneConfig(name="edgeretina-tiny-rn", image_size=64), lesion_head=True)
+    with pytest.raises(Exception, match="lesion masks"):
+        train(TrainConfig(data=data / phantom_train.name, out=tmp_path / "m.pt", epochs=1, workers=1, model=config),
+              log=lambda _: None, show_progress=False)
+    result = train(TrainConfig(data=data / phantom_train.name, out=tmp_path / "w.pt", epochs=1, batch_size=16,
+                               workers=1, val_fraction=0.2, model=config, lesion_labels="image"),
+                   log=lambda _: None, show_progress=False)
+    ckpt = load_checkpoint(result.checkpoint)
+    assert "lesion" in ckpt.summary["history"][0]["loss"]
+    assert len(ckpt.grading.lesion_thresholds) == L            # fitted on the image-level validation labels
+    assert "lesion_thresholds" in ckpt.summary["calibration"]

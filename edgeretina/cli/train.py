@@ -7,12 +7,13 @@ from typing import Annotated, Optional
 import typer
 
 from edgeretina.cli import app
-from edgeretina.choices import LESION_DETAILS, SALIENCY_KINDS, TRAINING_DEVICES, TRAINING_SAMPLERS
+from edgeretina.choices import LESION_DETAILS, LESION_LABELS, SALIENCY_KINDS, TRAINING_DEVICES, TRAINING_SAMPLERS
 from edgeretina.cli._options import ComputeThreadsOption, SeedOption, TrainingPrecision, choice_enum
 
 Sampler = choice_enum("Sampler", TRAINING_SAMPLERS)
 SaliencyKind = choice_enum("SaliencyKind", SALIENCY_KINDS)
 LesionDetail = choice_enum("LesionDetail", LESION_DETAILS)
+LesionLabels = choice_enum("LesionLabels", LESION_LABELS)
 Device = choice_enum("Device", TRAINING_DEVICES)
 
 
@@ -34,6 +35,7 @@ def train(
     lr: Annotated[float, typer.Option("--lr")] = 1e-3,
     lesion_head: Annotated[bool, typer.Option("--lesion-head", help="Train a patch-level lesion head (needs masks/<CODE>/<case_id>.png beside labels.csv).")] = False,
     lesion_detail: Annotated[LesionDetail, typer.Option("--lesion-detail", help="patch: lesion maps on the patch grid; fine: on the stride-8 map (ResNet towers; 32x32 at 256 px).")] = LesionDetail("patch"),
+    lesion_labels: Annotated[LesionLabels, typer.Option("--lesion-labels", help="What the lesion head learns from: masks (masks/<CODE>/<case_id>.png) or image (weak: a <CODE> or n_<CODE> column per lesion type in labels.csv, max-pooled presence).")] = LesionLabels("masks"),
     lesion_to_grade: Annotated[bool, typer.Option("--lesion-to-grade", help="Side connection: the lesion head's image-level presences feed the grade (needs --lesion-head).")] = False,
     saliency: Annotated[SaliencyKind, typer.Option("--saliency", help="deep: the last layer's patch evidence; gated: ELLG's gated fusion with a shallow layer (open_clip ViT and ResNet towers).")] = SaliencyKind("deep"),
     ben_graham: Annotated[bool, typer.Option("--ben-graham", help="Local-average subtraction preprocessing.")] = False,
@@ -77,7 +79,8 @@ def train(
                          trainable_blocks=trainable_blocks, augment=augment, resume=resume, contrastive_epochs=contrastive_epochs, device=device.value,
                          loss=LossWeights(focal_gamma=focal_gamma, label_smoothing=label_smoothing),
                          lesion_generation=LesionGenerationConfig(probability=lesion_generation,
-                                                                  raise_grade=not lesion_generation_keep_grade))
+                                                                  raise_grade=not lesion_generation_keep_grade),
+                         lesion_labels=lesion_labels.value)
     result = run_training(config)
     if result.rank == 0:        # under torchrun every process returns; one line is printed
         typer.echo(json.dumps({"checkpoint": str(result.checkpoint), "seconds": result.seconds,

@@ -33,7 +33,8 @@ class PreparedSet:
     grades: np.ndarray          # int64 [N]
     case_ids: list[str]
     skipped: list[tuple[str, str]]  # (path, reason) of files that could not be used
-    lesions: np.ndarray | None = None   # uint8 [N, L, h, w] patch-grid lesion targets, when masks exist
+    lesions: np.ndarray | None = None   # uint8 [N, L, h, w] patch-grid lesion targets from masks, or
+                                        # [N, L] image-level labels (weak supervision, image_lesion_labels)
     sources: list[str] | None = None    # the dataset of each image (LabeledImage.source), "unknown" when unset
     indices: list[int] | None = None    # the position of each image in the items it was prepared from
 
@@ -98,6 +99,30 @@ def missing_lesion_masks(items: Sequence[LabeledImage]) -> list[Path]:
     """The lesion mask files (lesion_mask_paths) the items lack: what the lesion head, the lesion thresholds
     and lesion generation each need all of."""
     return [path for item in items for path in lesion_mask_paths(item) if not path.is_file()]
+
+
+def image_lesion_labels(items: Sequence[LabeledImage]) -> np.ndarray:
+    """uint8 [N, L]: whether each image shows each lesion type, from its labels.csv columns — `<CODE>` (0/1)
+    or `n_<CODE>` (a count, the phantom's) for every code of LESION_CODES. What a lesion head trains on
+    weakly when no pixel masks exist (max-pooled presence, TWLR/CLPI). DatasetError names the first image
+    and code without a usable value."""
+    labels = np.zeros((len(items), len(LESION_CODES)), np.uint8)
+    for row, item in enumerate(items):
+        for col, code in enumerate(LESION_CODES):
+            labels[row, col] = _lesion_label(item, code)
+    return labels
+
+
+def _lesion_label(item: LabeledImage, code: str) -> int:
+    for column in (code, f"n_{code}"):
+        value = str(item.extra.get(column, "")).strip()
+        if value:
+            try:
+                return int(float(value) > 0)
+            except ValueError:
+                raise DatasetError(f"{item.case_id}: lesion label {column}={value!r} is not a number") from None
+    raise DatasetError(f"{item.case_id}: no image-level label for {code} (a {code} or n_{code} column of 0/1 or "
+                       "a count): image-level lesion training needs one per lesion type")
 
 
 def _mask_paths(item: LabeledImage) -> list[Path]:

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from edgeretina.choices import TRAINING_DEVICES
+from edgeretina.choices import LESION_LABELS, TRAINING_DEVICES
 from edgeretina.dataset import LabeledImage, grade_counts
 from edgeretina.errors import ConfigError, DatasetError
 from edgeretina.layouts import DataSpec, load_data, parse_data_spec, split_items
@@ -33,8 +33,8 @@ from edgeretina.training.calibration import DEFAULT_TARGET_SENSITIVITY, calibrat
 from edgeretina.training.checkpoint import Checkpoint, TrainingBank, save_checkpoint
 from edgeretina.training.contrastive import check_contrastive_config, pretrain_contrastive
 from edgeretina.training.data import (SAMPLERS, PerGradeBatchSampler, PreparedSet, WeightedBatchSampler,
-                                      lesion_mask_paths, missing_lesion_masks, prepare_images, sequential_batches,
-                                      to_model_input)
+                                      image_lesion_labels, lesion_mask_paths, missing_lesion_masks, prepare_images,
+                                      sequential_batches, to_model_input)
 from edgeretina.training.distributed import DistributedContext
 from edgeretina.training.feature_cache import FeatureCache, HeadsOnly, compute_features, predict_from_features
 from edgeretina.training.freezing import FreezePlan, freeze_backbone, keep_frozen_in_eval
@@ -105,6 +105,9 @@ class TrainConfig:
     # ELLG lesion generation: lesions cut from training images pasted into others (off by default: on the
     # phantom it did not help, training/lesion_generation.py)
     lesion_generation: LesionGenerationConfig = field(default_factory=LesionGenerationConfig)
+    # what the lesion head learns from: "masks" (masks/<CODE>/<case_id>.png) or "image" (image-level labels,
+    # data.image_lesion_labels: weak supervision through the max-pooled presence)
+    lesion_labels: str = "masks"
 
     def __post_init__(self):
         object.__setattr__(self, "data", _specs(self.data))
@@ -133,6 +136,10 @@ class TrainConfig:
             raise ConfigError(f"trainable_blocks must be None, 0 or positive, got {self.trainable_blocks}")
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {', '.join(DEVICES)}, not {self.device!r}")
+        if self.lesion_labels not in LESION_LABELS:
+            raise ConfigError(f"lesion_labels must be one of {', '.join(LESION_LABELS)}, not {self.lesion_labels!r}")
+        if self.lesion_labels == "image" and self.lesion_generation.probability > 0:
+            raise ConfigError("lesion generation pastes lesions from their masks: it needs lesion_labels 'masks'")
         check_contrastive_config(self)
 
 
@@ -270,9 +277,14 @@ def _set_up(config: TrainConfig, ctx: DistributedContext, log: Logger) -> _Run:
                                   std=tuple(model.backbone.std), ben_graham=config.ben_graham)
     train_items, val_items, data_summary = _split(config, log)   # deterministic: the same in every process
     log(f"data: {len(train_items)} train {grade_counts(train_items)}, {len(val_items)} val {grade_counts(val_items)}")
-    lesion_grid = model.lesion_grid_size if model.lesion_head is not None else None
+    weak = model.lesion_head is not None and config.lesion_labels == "image"
+    lesion_grid = model.lesion_grid_size if model.lesion_head is not None and not weak else None
     train_set = prepare_images(train_items, preprocess, config.workers, lesion_grid=lesion_grid)
-    val_set = prepare_images(val_items, preprocess, config.workers, lesion_grid=lesion_truth_grid(model, val_items))
+    val_set = prepare_images(val_items, preprocess, config.workers,
+                             lesion_grid=None if weak else lesion_truth_grid(model, val_items))
+    if weak:
+        train_set, val_set = (_with_image_lesion_labels(prepared, items)
+                              for prepared, items in ((train_set, train_items), (val_set, val_items)))
     for path, reason in train_set.skipped + val_set.skipped:
         log(f"skipped {path}: {reason}")
     contrastive = pretrain_contrastive(model, train_items, train_set, preprocess, config, plan, ctx, log,
@@ -493,6 +505,11 @@ def _describe_lesion_thresholds(report: dict) -> str:
                      f"{', kept' if 'kept' in r else ''})" for code, r in report.items())
 
 
+def _with_image_lesion_labels(prepared: PreparedSet, items: list[LabeledImage]) -> PreparedSet:
+    """The prepared set with image-level lesion labels [N, L] as its lesion targets (weak supervision)."""
+    return dataclasses.replace(prepared, lesions=image_lesion_labels([items[i] for i in prepared.indices]))
+
+
 def lesion_truth_grid(model: GraderModel, items: list[LabeledImage]) -> tuple[int, int] | None:
     """The patch grid to read held-out lesion targets on, for calibration's per-type presence thresholds:
     the model's, when it has a lesion head and every item has its masks (prepare_images would refuse the
@@ -516,6 +533,7 @@ def _summary(run: _Run, val_metrics: dict, calibration_report: dict, seconds: fl
                      "steps_per_epoch": run.sampler.steps_per_epoch, "trainable_blocks": config.trainable_blocks,
                      "augment": config.augment, "feature_cache": isinstance(run.inputs, _CachedInputs),
                      "lesion_generation": _lesion_generation_summary(config.lesion_generation, run.inputs),
+                     "lesion_labels": config.lesion_labels if run.model.lesion_head is not None else None,
                      "processes": run.ctx.world_size, "resumed_from_epoch": run.resumed_from},
         "stopped": run.stopped,
         "best_epoch": run.best_epoch,
@@ -617,7 +635,9 @@ class _ImageInputs:
         if self.bank is not None and augmented:
             images, grades, lesions = generate_batch(images, grades, self.rng, self.bank, lesions)
         if self.augmentation is not None and augmented:
-            images, lesions = augment(images, self.rng, lesions, self.augmentation)
+            grids = lesions if lesions is not None and lesions.ndim == 4 else None   # image-level labels stay
+            images, grids = augment(images, self.rng, grids, self.augmentation)
+            lesions = grids if grids is not None else lesions
         x = _like_model(to_model_input(images, self.preprocess).to(self.device), self.model)
         return (x,), _lesion_targets(lesions, self.device), _grade_tensor(grades, self.device)
 

@@ -74,13 +74,26 @@ def lesion_loss(lesion_logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     """SiAN's dual loss on a lesion map [B, L, h, w]: BCE for every cell plus soft Dice per image and lesion
     type on the maps, which keeps rare, tiny lesions (a microaneurysm is one patch of 49) from being drowned
     by the background, plus soft Dice per lesion type over the batch on the max-pooled image-level presence,
-    which asks the map's peak to say whether the image has the lesion at all."""
+    which asks the map's peak to say whether the image has the lesion at all. Image-level targets [B, L]
+    (weak supervision) get the presence terms alone (lesion_presence_loss)."""
+    if targets.dim() == 2:
+        return lesion_presence_loss(lesion_logits, targets)
     bce = F.binary_cross_entropy_with_logits(lesion_logits, targets)
     probs = torch.sigmoid(lesion_logits).flatten(2)
     flat = targets.flatten(2)
     map_dice = _soft_dice(probs, flat, dim=-1)                                  # [B, L]
     presence_dice = _soft_dice(probs.amax(dim=-1).t(), flat.amax(dim=-1).t(), dim=-1)   # [L] over the batch
     return bce + map_dice.mean() + presence_dice.mean()
+
+
+def lesion_presence_loss(lesion_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Weak supervision from image-level labels [B, L]: BCE and batch soft Dice on each type's max-pooled
+    logit. Multiple-instance learning: a labelled image must have one cell that shows the lesion, an
+    unlabelled image none, and which cells light up is left to the model — where it puts them is the weak
+    localisation (TWLR, CLPI)."""
+    peaks = lesion_logits.flatten(2).amax(dim=-1)                                # [B, L]
+    bce = F.binary_cross_entropy_with_logits(peaks, labels)
+    return bce + _soft_dice(torch.sigmoid(peaks).t(), labels.t(), dim=-1).mean()
 
 
 def _soft_dice(probs: torch.Tensor, targets: torch.Tensor, dim: int) -> torch.Tensor:
@@ -104,7 +117,10 @@ def grader_loss(outputs: dict[str, torch.Tensor], grades: torch.Tensor, weights:
         parts["lesion"] = lesion_loss(outputs["lesion_logits"].float(), lesion_targets)
         if "lesion_coarse_logits" in outputs:   # fine lesion head: the patch grid learns too (a cell has a
             coarse = outputs["lesion_coarse_logits"].float()   # lesion when any of its fine cells has)
-            scale = lesion_targets.shape[-1] // coarse.shape[-1]
-            parts["lesion_coarse"] = lesion_loss(coarse, F.max_pool2d(lesion_targets, scale, scale))
+            coarse_targets = lesion_targets
+            if lesion_targets.dim() == 4:
+                scale = lesion_targets.shape[-1] // coarse.shape[-1]
+                coarse_targets = F.max_pool2d(lesion_targets, scale, scale)
+            parts["lesion_coarse"] = lesion_loss(coarse, coarse_targets)
     total = sum(getattr(weights, _WEIGHT_OF.get(name, name)) * value for name, value in parts.items())
     return total, {name: float(value.detach()) for name, value in parts.items()}
