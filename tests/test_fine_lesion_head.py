@@ -188,3 +188,17 @@ def test_weak_training_learns_presence_from_image_labels_alone(phantom_train, tm
     assert "lesion" in ckpt.summary["history"][0]["loss"]
     assert len(ckpt.grading.lesion_thresholds) == L            # fitted on the image-level validation labels
     assert "lesion_thresholds" in ckpt.summary["calibration"]
+
+
+def test_with_masks_presence_is_earned_on_the_lesion_cells_not_on_a_fixed_cell():
+    from edgeretina.training.losses import earned_presence
+
+    targets = torch.zeros(2, L, 16)
+    targets[0, 2, 5] = 1.0                           # image 0 has one EX cell, image 1 none
+    probs = torch.full((2, L, 16), 0.01)
+    probs[:, 2, 15] = 0.99                           # EX "present" at a fixed cell of both images
+    probs[0, 2, 5] = 0.30                            # the lesion cell itself is only lukewarm
+    presence = earned_presence(probs, targets)
+    assert float(presence[0, 2]) == pytest.approx(0.30)   # what the lesion's cells say, not the fixed cell
+    assert float(presence[1, 2]) == pytest.approx(0.99)   # an image without EX: any cell is a false positive
+    assert float(presence[0, 0]) == pytest.approx(0.01)
