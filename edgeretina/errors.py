@@ -73,3 +73,13 @@ class MissingDependencyError(EdgeRetinaError):
         self.extra = extra
         what = f" (needed for {purpose})" if purpose else ""
         super().__init__(f"{package} is not installed{what}: pip install 'edgeretina[{extra}]'")
+
+
+class StoreError(EdgeRetinaError):
+    """The results store (SQLite under the data folder) cannot be opened or written: not a database, damaged,
+    a schema this version does not know, or a picture that could not be put beside its row."""
+
+
+class ServeError(EdgeRetinaError):
+    """The grading service cannot serve a request: its queue is full, it is shutting down, the grader is not
+    loaded, or a request timed out. (Invalid service options, the API key rule included, are ConfigErrors.)"""

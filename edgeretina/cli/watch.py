@@ -23,6 +23,9 @@ def watch(
     device: Annotated[Optional[str], typer.Option("--device", help="Backend device (as for grade).")] = None,
     trust: TrustOption = None,
     verify: VerifyOption = True,
+    store: Annotated[Optional[Path], typer.Option(
+        "--store", help="Also write every record to the results store in this folder (SQLite; the one `edgeretina "
+                        "serve --data` uses), overlay and card copied in beside it.")] = None,
     log: Annotated[Optional[Path], typer.Option(
         "--log", help="Append warnings (codec messages about damaged files) to this file (default: OUT/watch.log).")] = None,
 ) -> None:
@@ -31,7 +34,7 @@ def watch(
 
     config = WatchConfig(folder=folder, bundle=bundle, out=out, interval=interval, overlays=overlays,
                          once=once, backend=enum_value(backend), threads=threads, device=device, trust=trust_setting(trust),
-                         verify=verify_setting(verify))
+                         verify=verify_setting(verify), store=store)
     with warnings_to_log(log or out / "watch.log", create_folder=log is None):
         summary = run_watch(config, on_record=_print_record)
     typer.echo(f"graded {summary.graded} image(s), {summary.errors} error(s); results in {out / 'results.jsonl'}")

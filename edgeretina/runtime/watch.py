@@ -18,6 +18,12 @@ Appending: one ``os.write`` of a complete line to an ``O_APPEND`` descriptor, th
 can at worst leave a torn last line (no newline); it is cut off on the next start and that image is
 graded again. Overlays and cards are written (atomically) before the record, so a recorded image
 always has its files.
+
+With ``store`` (``--store DIR``), each record also becomes a row of the results store the grading service
+uses (runtime/store.py: one schema for both), its overlay and card copied in beside it. The row is
+committed before the results.jsonl line: a crash between the two re-grades the file on the next start, and
+the row's idempotency key (folder, file version, frame) makes that re-grade find its row instead of adding a
+second one. results.jsonl stays what it was: the watcher's state and its complete log.
 """
 
 from __future__ import annotations
@@ -36,8 +42,9 @@ from typing import Callable, Iterator
 from edgeretina.errors import ConfigError, EdgeRetinaError
 from edgeretina.preprocess import is_image_file
 from edgeretina.runtime.grader import GradedImage, GradeRecord, Grader
-from edgeretina.runtime.verify import VERIFY_MODES
-from edgeretina.runtime.visuals import path_stem, write_visuals
+from edgeretina.runtime.store import ResultStore
+from edgeretina.runtime.verify import VERIFY_MODES, manifest_sha256
+from edgeretina.runtime.visuals import CARD_SUFFIX, path_stem, write_visuals
 from edgeretina.signing import TrustList
 
 RESULTS_NAME = "results.jsonl"
@@ -59,9 +66,11 @@ class WatchConfig:
     batch_size: int = 8
     trust: TrustList | str | os.PathLike | None = "environment"   # as Grader(trust=...): signed bundles
     verify: str = "cached"             # as Grader(verify=...): the export gate re-run on this device
+    store: Path | None = None          # also write each record to this results store (runtime/store.py)
 
     def __post_init__(self) -> None:
         self.folder, self.bundle, self.out = Path(self.folder), Path(self.bundle), Path(self.out)
+        self.store = Path(self.store) if self.store is not None else None
         # inf would reach Event.wait (OverflowError after the first poll); NaN compares false everywhere
         if not _is_number(self.interval) or not 0 < self.interval < math.inf:
             raise ConfigError(f"interval must be a positive, finite number of seconds, got {self.interval!r}")
@@ -118,6 +127,7 @@ class Watcher:
         self._last_seen: dict[str, FileKey] = {}
         self._undecodable_since: dict[FileKey, float] = {}
         self._recorded_paths: set[str] = set()   # paths with a record (of any version) in results.jsonl
+        self._bundle_sha256: str | None = None     # the store's bundle identity, hashed once
 
     def run(self, stop: threading.Event, on_record: Callable[[dict], None] | None = None) -> WatchSummary:
         self.config.out.mkdir(parents=True, exist_ok=True)
@@ -125,6 +135,7 @@ class Watcher:
         with _exclusive_lock(self.config.out / LOCK_NAME):
             done = load_done_keys(self.results)
             self._recorded_paths = {key.path for key in done}
+            store = ResultStore(self.config.store) if self.config.store is not None else None
             fd = os.open(self.results, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
                 while not stop.is_set():
@@ -133,7 +144,9 @@ class Watcher:
                     if self.config.once and summary.polls == 1:
                         stop.wait(self.config.interval)   # a second look tells growing files from finished ones
                         continue
-                    for record in self._grade(ready, stop, final=self.config.once):
+                    for record, pictures in self._grade(ready, stop, final=self.config.once):
+                        if store is not None:   # the row before the line: see the module docstring
+                            self._store(store, record, pictures)
                         append_line(fd, record)
                         done.add(_key_of(record))
                         self._recorded_paths.add(record["source"]["path"])
@@ -147,7 +160,19 @@ class Watcher:
                     stop.wait(self.config.interval)
             finally:
                 os.close(fd)
+                if store is not None:
+                    store.close()
         return summary
+
+    def _store(self, store: ResultStore, record: dict, pictures: dict[str, Path]) -> None:
+        if self._bundle_sha256 is None:
+            self._bundle_sha256 = manifest_sha256(self.grader.bundle)
+        source = record["source"]
+        frame = (record.get("dicom") or {}).get("frame")
+        key = json.dumps(["watch", str(self.config.folder.resolve()), source["path"], source["bytes"],
+                          source["mtime_ns"], frame])
+        store.add(record, origin="watch", file_name=source["path"], bundle_sha256=self._bundle_sha256,
+                  pictures=pictures, key=key)
 
     def poll(self, done: set[FileKey]) -> list[FileKey]:
         """List the folder; return the files not yet recorded whose size and mtime held since last poll."""
@@ -174,7 +199,8 @@ class Watcher:
                     continue
                 yield FileKey(path.relative_to(folder).as_posix(), st.st_size, st.st_mtime_ns)
 
-    def _grade(self, ready: list[FileKey], stop: threading.Event, final: bool) -> Iterator[dict]:
+    def _grade(self, ready: list[FileKey], stop: threading.Event, final: bool) -> Iterator[tuple[dict, dict[str, Path]]]:
+        """(record, its pictures by kind) per graded image, in order."""
         by_path = {str(self.config.folder / key.path): key for key in ready}
         rewritten: dict[FileKey, bool] = {}   # file versions recorded in this pass -> an earlier version has a record
         for graded in self.grader.grade_iter(list(by_path), self.config.batch_size):
@@ -184,9 +210,8 @@ class Watcher:
                 continue
             self._undecodable_since.pop(key, None)
             earlier_version = rewritten.setdefault(key, key.path in self._recorded_paths)
-            if self.config.overlays:
-                self._write_images(graded, key, earlier_version)
-            yield {**graded.record.to_dict(), "source": key.to_dict(), "graded_at": _now()}
+            pictures = self._write_images(graded, key, earlier_version) if self.config.overlays else {}
+            yield {**graded.record.to_dict(), "source": key.to_dict(), "graded_at": _now()}, pictures
             # finish the current file (every frame of a DICOM: its key is done with the first), leave the rest
             if stop.is_set() and _last_of_file(graded.record):
                 return
@@ -198,9 +223,22 @@ class Watcher:
         first = self._undecodable_since.setdefault(key, time.monotonic())
         return time.monotonic() - first < self.config.undecodable_grace_s
 
-    def _write_images(self, graded: GradedImage, key: FileKey, rewritten: bool) -> None:
-        write_visuals(graded, _picture_stem(key, graded.record, rewritten), self.config.out / "overlays",
-                      self.config.out / "cards")
+    def _write_images(self, graded: GradedImage, key: FileKey, rewritten: bool) -> dict[str, Path]:
+        """Write the overlay and card; return those written, by kind (what a store row copies in)."""
+        stem = _picture_stem(key, graded.record, rewritten)
+        cards = self.config.out / "cards"
+        write_visuals(graded, stem, self.config.out / "overlays", cards)
+        pictures = {"overlay": Path(graded.record.overlay)} if graded.record.overlay else {}
+        card = cards / f"{stem}{CARD_SUFFIX}"
+        # a card that failed now must not be stood in for by an older file of the same name
+        if graded.image is not None and not _card_failure(graded.record.error) and card.is_file():
+            pictures["card"] = card
+        return pictures
+
+
+def _card_failure(error: str | None) -> bool:
+    """Whether a record's error says its report card could not be written (visuals.write_visuals' words)."""
+    return bool(error) and "the report card could not be written" in error
 
 
 def _picture_stem(key: FileKey, record: GradeRecord, rewritten: bool) -> str:

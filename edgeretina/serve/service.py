@@ -1,0 +1,238 @@
+"""The grading service without HTTP: one Grader, the batching queue in front of it, the results store behind it.
+
+Threading model. The event loop only moves bytes (uploads in, JSON and PNGs out). ``workers`` threads take
+batches from the queue and call the ONE Grader (decode, quality gate, preprocessing, one forward pass, KNN);
+when there are several, their forward passes take turns on the runner (_SerializedRunner) while their decoding
+and preprocessing overlap. Rendering the overlay and the report card and committing the row run in Starlette's
+thread pool, outside the workers, so the next batch is being graded meanwhile.
+
+The grader is loaded (and verified on this device) in a thread of its own after start: the port answers at
+once, /healthz says alive, /readyz says why it is not ready yet, or why it never will be.
+
+Error rows: an upload that does not decode is answered 422 with the decoder's reason and NOT stored. Nothing
+was graded; the client has the reason; a history of screenings is not an access log, and a row would be a
+second copy of someone else's bad bytes' name. (watch does store its error rows: a file in a hot folder has
+no one to answer to, so its row is the report.) A multi-frame DICOM whose frames partly fail stores the
+frames that were graded and lists the others, with their errors, in the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgeretina.errors import EdgeRetinaError, ServeError
+from edgeretina.runtime.grader import GradedImage, Grader
+from edgeretina.runtime.store import ResultStore, StoredResult
+from edgeretina.runtime.verify import manifest_sha256
+from edgeretina.runtime.visuals import CARD_SUFFIX, write_visuals
+from edgeretina.serve.config import ServeConfig
+from edgeretina.serve.metrics import Metrics
+from edgeretina.serve.queue import BatchingQueue, QueueFull
+
+log = logging.getLogger("edgeretina.serve")
+
+LOADING_RETRY_AFTER_S = 5
+STALE_STAGING_S = 3600.0     # an upload folder this old (or older than two timeouts) is a crash's leftover
+
+
+class NotReady(ServeError):
+    """No grader yet (loading: retry_after_s is set) or none at all (the bundle failed: it is None)."""
+
+    def __init__(self, reason: str, retry_after_s: int | None):
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+        super().__init__(reason)
+
+
+class GradeTimeout(ServeError):
+    """The image was not graded within the request timeout."""
+
+
+@dataclass
+class GradeOutcome:
+    rows: list[StoredResult] = field(default_factory=list)      # graded and committed, in frame order
+    failed: list[dict] = field(default_factory=list)            # {"frame", "error", "decoded"} not stored
+
+
+class GradingService:
+    def __init__(self, config: ServeConfig):
+        """Opens the results store now (a damaged store is a StoreError before anything binds); the grader
+        loads after start()."""
+        self.config = config
+        self.store = ResultStore(config.data)
+        self.staging = config.staging
+        self.staging.mkdir(parents=True, exist_ok=True)
+        self.metrics = Metrics(gauges={
+            "edgeretina_queue_depth": ("Requests waiting for a grading worker.", lambda: self.queue.depth),
+            "edgeretina_queue_capacity": ("Requests that may wait before the service answers 503.",
+                                          lambda: self.queue.capacity),
+            "edgeretina_ready": ("1 when the bundle is loaded and verified on this device.",
+                                 lambda: float(self.readiness()[0])),
+        })
+        self.queue: BatchingQueue[Path, list[GradedImage]] = BatchingQueue(
+            self._grade_batch, capacity=config.queue_size, workers=config.workers, max_batch=config.max_batch,
+            batch_wait_s=config.batch_wait_s, on_batch=self.metrics.observe_batch)
+        self.grader: Grader | None = None
+        self.bundle_sha256: str | None = None
+        self.state = "loading"                       # "loading" | "ready" | "failed"
+        self.reason = "loading the bundle and verifying it on this device"
+        self._loaded = threading.Event()
+        self._closing = False
+
+    # lifecycle
+
+    def start(self) -> None:
+        self._sweep_staging()
+        threading.Thread(target=self._load, name="edgeretina-load", daemon=True).start()
+
+    def wait_loaded(self, timeout_s: float | None = None) -> bool:
+        """Block until the grader is loaded or failed to; whether that happened in time."""
+        return self._loaded.wait(timeout_s)
+
+    def close(self) -> None:
+        self._closing = True
+        self.queue.close()
+        self.store.close()
+
+    def _load(self) -> None:
+        config = self.config
+        try:
+            grader = Grader(config.bundle, backend=config.backend, threads=config.threads, device=config.device,
+                            trust=config.trust, verify=config.verify)
+            if config.workers > 1:
+                grader.runner = _SerializedRunner(grader.runner)
+            self.bundle_sha256 = manifest_sha256(grader.bundle)
+            self.grader = grader
+            if not self._closing:
+                self.queue.start()
+                self.state = "ready"
+                log.info("grading with %s (%s, %s)", config.bundle, grader.backend, grader.precision)
+        except Exception as exc:   # any failure: the service stays up and says why at /readyz
+            self.reason = str(exc) if isinstance(exc, EdgeRetinaError) else f"{type(exc).__name__}: {exc}"
+            self.state = "failed"
+            log.error("the bundle could not be loaded: %s", self.reason)
+        finally:
+            self._loaded.set()
+
+    def readiness(self) -> tuple[bool, dict]:
+        """(ready, what /readyz says): ready only with the grader loaded AND verified on this device."""
+        if self.state != "ready":
+            return False, {"ready": False, "state": self.state, "reason": self.reason}
+        grader = self.grader
+        report = grader.verification
+        # the bundle's name, not its path: /readyz answers without a key, and the server's layout is nobody's business
+        about = {"bundle": self.config.bundle.name, "bundle_sha256": self.bundle_sha256, "backend": grader.backend,
+                 "precision": grader.precision}
+        if report is None:
+            return False, {"ready": False, "state": "unverified", **about,
+                           "reason": "on-device verification is off (--no-verify): this device has not been shown "
+                                     "to reproduce the bundle's reference outputs; grading works, readiness does not"}
+        return True, {"ready": True, "state": "ready", **about,
+                      "verified": {"cpu_class": report.cpu.get("class"), "backend_version": report.backend_version,
+                                   "cached": report.cached}}
+
+    def require_loaded(self) -> None:
+        if self.state == "loading":
+            raise NotReady(self.reason, LOADING_RETRY_AFTER_S)
+        if self.state == "failed":
+            raise NotReady(f"the bundle could not be loaded: {self.reason}", None)
+
+    # one request
+
+    def new_stage(self) -> Path:
+        """A private folder for one request's upload and pictures (the caller removes it)."""
+        return Path(tempfile.mkdtemp(dir=self.staging))
+
+    async def grade(self, path: Path) -> list[GradedImage]:
+        """Queue one staged file and wait for its graded images (a DICOM: one per frame). Raises QueueFull
+        (counted), QueueClosed, GradeTimeout."""
+        try:
+            future = self.queue.submit(path)
+        except QueueFull:
+            self.metrics.count_rejected()
+            raise
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), self.config.timeout_s)
+        except asyncio.TimeoutError:
+            self.queue.cancel(future)
+            raise GradeTimeout(f"not graded within {self.config.timeout_s:g} s (--timeout-s)") from None
+
+    def store_graded(self, graded: list[GradedImage], staged: Path, name: str) -> GradeOutcome:
+        """Render each graded image's overlay and card beside the staged upload, then commit its row (pictures
+        first, store.py). Images that were not graded are returned in `failed`, not stored. Staging paths in
+        messages become the client's file name."""
+        outcome = GradeOutcome()
+        stage = staged.parent
+        multi = len(graded) > 1
+        for image in graded:
+            record = image.record
+            frame = (record.dicom or {}).get("frame")
+            record.file = name
+            if record.screening is None:
+                outcome.failed.append({"frame": frame, "error": _scrub(record.error, staged, name),
+                                       "decoded": image.image is not None})
+                self.metrics.count_outcome("error")
+                continue
+            stem = f"frame{frame}" if multi and frame is not None else "image"
+            write_visuals(image, stem, stage, stage)
+            pictures = {"overlay": Path(record.overlay)} if record.overlay else {}
+            card = stage / f"{stem}{CARD_SUFFIX}"
+            if card.is_file():
+                pictures["card"] = card
+            record.overlay = None    # a staging path means nothing to a client: the links say where it is
+            record.error = _scrub(record.error, staged, name)
+            row = self.store.add(record.to_dict(), origin="serve", file_name=name,
+                                 bundle_sha256=self.bundle_sha256, pictures=pictures)
+            outcome.rows.append(row)
+            self.metrics.count_outcome(row.screening)
+        return outcome
+
+    def _grade_batch(self, paths: list[Path]) -> list[list[GradedImage]]:
+        """The queue's `process`: one Grader call for the whole batch, its images grouped back by file."""
+        files = [str(path) for path in paths]
+        groups: dict[str, list[GradedImage]] = {file: [] for file in files}
+        for image in self.grader.grade_iter(files, batch_size=self.config.max_batch):
+            groups[image.record.file].append(image)
+        return [groups[file] for file in files]
+
+    def _sweep_staging(self) -> None:
+        """Remove upload folders a crashed run left behind (uploads are patients' photos: none should linger)."""
+        cutoff = time.time() - max(STALE_STAGING_S, 2 * self.config.timeout_s)
+        for entry in self.staging.iterdir():
+            try:
+                if entry.stat().st_mtime < cutoff:
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            except OSError:
+                pass   # another service on the same data folder removed it first
+
+
+class _SerializedRunner:
+    """One forward pass at a time on a runner shared by several workers: OpenVINO's infer request and a
+    TensorRT execution context are not re-entrant, and ONNX Runtime runs on the same cores would only
+    interleave. The workers' decoding, quality checks, preprocessing and KNN still overlap."""
+
+    def __init__(self, runner):
+        self._runner = runner
+        self._lock = threading.Lock()
+
+    def run(self, images):
+        with self._lock:
+            return self._runner.run(images)
+
+    def __getattr__(self, name):
+        return getattr(self._runner, name)
+
+
+def _scrub(message: str | None, staged: Path, name: str) -> str | None:
+    """The message with the staging path replaced by the client's file name (no server paths in answers)."""
+    if not message:
+        return message
+    return message.replace(str(staged), name).replace(os.fspath(staged.parent), "")
