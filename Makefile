@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-EXTRAS ?= train,export,openvino,dicom,plot,serve,dev
+EXTRAS ?= train,export,openvino,dicom,plot,serve,scale,dev
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
 .PHONY: install demo test test-all clean
