@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from contextlib import asynccontextmanager
 from enum import Enum
 from pathlib import Path
@@ -161,7 +160,7 @@ def _add_grade_route(app: FastAPI, service: GradingService, auth: list) -> None:
             except StoreError as exc:   # graded, but not committed: the client must not think it was
                 raise HTTPException(500, f"graded, but the result could not be stored: {exc}") from None
         finally:
-            await run_in_threadpool(shutil.rmtree, stage, True)
+            await run_in_threadpool(service.remove_stage, stage)
         if not outcome.rows:
             failure = outcome.failed[0] if outcome.failed else {"error": "nothing to grade in the upload",
                                                                 "decoded": False}

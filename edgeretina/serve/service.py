@@ -37,10 +37,16 @@ from edgeretina.serve.config import ServeConfig
 from edgeretina.serve.metrics import Metrics
 from edgeretina.serve.queue import BatchingQueue, QueueFull
 
+try:
+    import fcntl   # POSIX (the devices this runs on are Linux); without it the sweep keeps to the age rule
+except ImportError:   # pragma: no cover
+    fcntl = None
+
 log = logging.getLogger("edgeretina.serve")
 
 LOADING_RETRY_AFTER_S = 5
-STALE_STAGING_S = 3600.0     # an upload folder this old (or older than two timeouts) is a crash's leftover
+STALE_STAGING_S = 3600.0     # what the locks do not settle (a .new- folder, a stray file) is a leftover this old
+_NEW_STAGE = ".new-"         # a stage folder's name until its lock is held (the sweep leaves these to the age rule)
 
 
 class NotReady(ServeError):
@@ -86,6 +92,7 @@ class GradingService:
         self.reason = "loading the bundle and verifying it on this device"
         self._loaded = threading.Event()
         self._closing = False
+        self._stage_locks: dict[Path, int] = {}      # stage folder -> the open descriptor holding its flock
 
     # lifecycle
 
@@ -148,8 +155,34 @@ class GradingService:
     # one request
 
     def new_stage(self) -> Path:
-        """A private folder for one request's upload and pictures (the caller removes it)."""
-        return Path(tempfile.mkdtemp(dir=self.staging))
+        """A private folder for one request's upload and pictures; the caller gives it back to remove_stage.
+
+        The folder is flock-ed for as long as its request holds it, and the kernel drops that lock when the
+        process dies, however it dies: the next start (of this service or of another one on the same data
+        folder) removes every folder it can lock, at once, and leaves the others, which are live requests of a
+        running sibling. It is created under a dot-name and renamed once locked, so no sweep ever sees it
+        unlocked."""
+        if fcntl is None:
+            return Path(tempfile.mkdtemp(dir=self.staging))
+        fresh = Path(tempfile.mkdtemp(prefix=_NEW_STAGE, dir=self.staging))
+        fd = os.open(fresh, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            stage = fresh.with_name(fresh.name[len(_NEW_STAGE):])
+            os.rename(fresh, stage)
+        except BaseException:
+            os.close(fd)
+            shutil.rmtree(fresh, ignore_errors=True)
+            raise
+        self._stage_locks[stage] = fd
+        return stage
+
+    def remove_stage(self, stage: Path) -> None:
+        """Remove a request's stage folder (its upload and pictures), then drop its lock."""
+        shutil.rmtree(stage, ignore_errors=True)
+        fd = self._stage_locks.pop(stage, None)
+        if fd is not None:
+            os.close(fd)
 
     async def grade(self, path: Path) -> list[GradedImage]:
         """Queue one staged file and wait for its graded images (a DICOM: one per frame). Raises QueueFull
@@ -204,11 +237,12 @@ class GradingService:
         return [groups[file] for file in files]
 
     def _sweep_staging(self) -> None:
-        """Remove upload folders a crashed run left behind (uploads are patients' photos: none should linger)."""
+        """Remove upload folders a crashed run left behind (uploads are patients' photos: none should linger):
+        every stage folder no live process holds locked (new_stage), and anything else once it is old."""
         cutoff = time.time() - max(STALE_STAGING_S, 2 * self.config.timeout_s)
         for entry in self.staging.iterdir():
             try:
-                if entry.stat().st_mtime < cutoff:
+                if _abandoned_stage(entry) or entry.stat().st_mtime < cutoff:
                     shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
             except OSError:
                 pass   # another service on the same data folder removed it first
@@ -229,6 +263,20 @@ class _SerializedRunner:
 
     def __getattr__(self, name):
         return getattr(self._runner, name)
+
+
+def _abandoned_stage(entry: Path) -> bool:
+    """A locked-stage folder whose lock nobody holds: its request died with its process."""
+    if fcntl is None or entry.name.startswith(_NEW_STAGE) or entry.is_symlink() or not entry.is_dir():
+        return False
+    fd = os.open(entry, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _scrub(message: str | None, staged: Path, name: str) -> str | None:
