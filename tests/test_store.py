@@ -58,6 +58,26 @@ def test_a_result_and_its_pictures_are_stored_and_read_back(store, tmp_path):
     assert store.picture_path(got.id, "counterfactual") is None
 
 
+def test_opening_sweeps_old_picture_folders_without_a_row_and_keeps_young_ones(tmp_path):
+    import os
+
+    with ResultStore(tmp_path / "data") as store:
+        kept = store.add(_record(), origin="serve", file_name="a.jpg", pictures={"card": _png(tmp_path / "c.png")})
+    files = tmp_path / "data" / "files"
+    old_orphan, young_orphan, stranger = files / ("a" * 32), files / ("b" * 32), files / "not-an-id"
+    for folder in (old_orphan, young_orphan, stranger):
+        folder.mkdir()
+        _png(folder / "card.png")
+    two_hours_ago = time.time() - 7200
+    for folder in (old_orphan, stranger, files / kept.id):
+        os.utime(folder, (two_hours_ago, two_hours_ago))
+    with ResultStore(tmp_path / "data") as reopened:
+        assert reopened.swept == 1
+        assert not old_orphan.exists()                                  # a crash's leftovers, an hour gone
+        assert young_orphan.is_dir() and stranger.is_dir()              # may be about to commit; not ours
+        assert reopened.picture_path(kept.id, "card").is_file()         # a row names it: never swept
+
+
 def test_history_is_newest_first_and_filters_by_time_screening_and_limit(store):
     added = []
     for screening, grade in [("negative", 0), ("referable", 2), ("ungradable", None), ("negative", 1)]:

@@ -13,8 +13,9 @@ idempotency key (watch: the hot folder, file version and frame) so a re-graded f
 
 Commit order: each picture is copied in atomically (edgeretina/atomic.py) and its folder fsynced BEFORE the
 row is inserted and committed, so a committed row never names a missing file. A crash in between leaves a
-picture folder without a row; nothing points at it, and it is not swept here because another process (a
-watcher and a server may share one store) may be about to commit it.
+picture folder without a row; nothing points at it. Opening the store removes such folders once they are
+older than ORPHAN_AGE_S (pictures derived from a patient's photo should not outlive their purpose), never a
+younger one: another process (a watcher and a server may share one store) may be about to commit it.
 
 SQLite in WAL mode (readers never block the writer, a `watch` and a `serve` can share the store) with
 synchronous=FULL: a row is on disk when `add` returns, which is what lets the service answer only after the
@@ -32,6 +33,7 @@ import re
 import shutil
 import sqlite3
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +50,7 @@ SCREENINGS = ("negative", "referable", "ungradable")
 PICTURES = ("overlay", "card")
 MAX_LIMIT = 1000
 BUSY_TIMEOUT_S = 10.0    # another process (a watcher beside the server) holding the write lock
+ORPHAN_AGE_S = 3600.0    # a picture folder without a row this old was left by a crash: removed on open
 _ID = re.compile(r"[0-9a-f]{32}")
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"   # fixed width: ORDER BY created is chronological
 
@@ -105,6 +108,25 @@ class ResultStore:
             raise StoreError(f"cannot create the results store in {self.root}: {exc.strerror or exc}") from None
         self._lock = threading.Lock()
         self._db = self._open()
+        self.swept = self.sweep_orphans()
+
+    def sweep_orphans(self, max_age_s: float = ORPHAN_AGE_S, now: float | None = None) -> int:
+        """Remove the picture folders no row names that were last changed more than max_age_s ago (a crash
+        between the pictures and the commit leaves them); return how many. Younger ones stay: another
+        process sharing the store may be about to commit theirs."""
+        now = time.time() if now is None else now
+        removed = 0
+        for folder in (self.root / FILES_DIR).iterdir():
+            if not (_ID.fullmatch(folder.name) and folder.is_dir()):
+                continue
+            try:
+                old = now - folder.stat().st_mtime > max_age_s
+            except FileNotFoundError:
+                continue
+            if old and self.get(folder.name) is None:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed += 1
+        return removed
 
     def _open(self) -> sqlite3.Connection:
         try:
