@@ -83,3 +83,9 @@ class StoreError(EdgeRetinaError):
 class ServeError(EdgeRetinaError):
     """The grading service cannot serve a request: its queue is full, it is shutting down, the grader is not
     loaded, or a request timed out. (Invalid service options, the API key rule included, are ConfigErrors.)"""
+
+
+class ArchiveError(EdgeRetinaError):
+    """Grading an archive on Ray failed as a whole: no images in the sources, the output folder is held by another
+    run, the cluster cannot host the workers asked for, or a worker refused the bundle on its machine (the
+    message names the machine and the reason). A failed image is never this: it is a row with its error."""

@@ -13,7 +13,7 @@ import pytest
 from edgeretina import choices
 
 COMMANDS = ("synth", "train", "export", "grade", "watch", "verify", "info", "keygen", "sign", "demo", "bench",
-            "build-engine", "check-engine")
+            "build-engine", "check-engine", "serve", "grade-archive", "explain", "evaluate-saliency")
 
 
 def _cli(*args):

@@ -21,7 +21,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 def _register() -> None:
     from edgeretina.cli import (bank, bench, build_engine, calibrate, demo, evaluate, evaluate_saliency,  # noqa: F401
-                                explain, export, grade, info, serve, sign, synth, train, verify, watch)  # (commands register themselves)
+                                explain, export, grade, grade_archive, info, serve, sign, synth, train, verify,
+                                watch)  # (commands register themselves)
 
 
 def _version(value: bool) -> None:
