@@ -202,3 +202,15 @@ def test_with_masks_presence_is_earned_on_the_lesion_cells_not_on_a_fixed_cell()
     assert float(presence[0, 2]) == pytest.approx(0.30)   # what the lesion's cells say, not the fixed cell
     assert float(presence[1, 2]) == pytest.approx(0.99)   # an image without EX: any cell is a false positive
     assert float(presence[0, 0]) == pytest.approx(0.01)
+
+
+def test_a_cell_of_another_lesion_type_is_a_hard_negative():
+    from edgeretina.training.losses import LESION_HARD_NEGATIVE_WEIGHT, LESION_POS_WEIGHT, lesion_cell_weights
+
+    targets = torch.zeros(1, L, 2, 2)
+    targets[0, LESION_CODES.index("CWS"), 0, 0] = 1.0      # a cotton-wool spot in cell (0, 0)
+    weights = lesion_cell_weights(targets)[0]
+    ex, cws = LESION_CODES.index("EX"), LESION_CODES.index("CWS")
+    assert float(weights[cws, 0, 0]) == LESION_POS_WEIGHT
+    assert float(weights[ex, 0, 0]) == LESION_HARD_NEGATIVE_WEIGHT > 1.0   # EX must not fire on the CWS
+    assert float(weights[ex, 1, 1]) == float(weights[cws, 1, 1]) == 1.0    # background

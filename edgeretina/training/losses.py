@@ -63,6 +63,7 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0,
 
 
 LESION_POS_WEIGHT = 5.0   # BCE weight of a lesion cell against a background cell (presence thresholds are fitted after)
+LESION_HARD_NEGATIVE_WEIGHT = 5.0   # ... of a type's absence on a cell that holds another lesion type
 
 
 def saliency_mil_loss(saliency_logits: torch.Tensor, grades: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -74,8 +75,8 @@ def saliency_mil_loss(saliency_logits: torch.Tensor, grades: torch.Tensor, top_k
 
 
 def lesion_loss(lesion_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """SiAN's dual loss on a lesion map [B, L, h, w]: BCE for every cell (lesion cells weighted
-    LESION_POS_WEIGHT: a type covers a few % of the cells) plus soft Dice per image and lesion type on the
+    """SiAN's dual loss on a lesion map [B, L, h, w]: BCE for every cell (lesion cells and the cells of other
+    lesion types weighted up, lesion_cell_weights: a type covers a few % of the cells) plus soft Dice per image and lesion type on the
     maps, which keeps rare, tiny lesions (a microaneurysm is one patch of 49) from being drowned by the
     background, plus soft Dice per lesion type over the batch on the max-pooled image-level presence, which
     asks the map's peak to say whether the image has the lesion at all. With masks the presence of an image
@@ -85,14 +86,21 @@ def lesion_loss(lesion_logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     [B, L] (weak supervision) get the presence terms alone (lesion_presence_loss)."""
     if targets.dim() == 2:
         return lesion_presence_loss(lesion_logits, targets)
-    weight = 1.0 + (LESION_POS_WEIGHT - 1.0) * targets
-    bce = F.binary_cross_entropy_with_logits(lesion_logits, targets, weight=weight)
+    bce = F.binary_cross_entropy_with_logits(lesion_logits, targets, weight=lesion_cell_weights(targets))
     probs = torch.sigmoid(lesion_logits).flatten(2)
     flat = targets.flatten(2)
     map_dice = _soft_dice(probs, flat, dim=-1)                                  # [B, L]
     present = flat.amax(dim=-1)                                                 # [B, L]
     presence_dice = _soft_dice(earned_presence(probs, flat).t(), present.t(), dim=-1)   # [L] over the batch
     return bce + map_dice.mean() + presence_dice.mean()
+
+
+def lesion_cell_weights(targets: torch.Tensor) -> torch.Tensor:
+    """BCE weight of every cell of every type [B, L, h, w]: LESION_POS_WEIGHT where the type is, and as much
+    where it is not but another lesion type is (a hard negative: seen, 24 of 25 exudate misses peaked on a
+    cotton-wool spot, the other bright lesion), 1 on background."""
+    other_lesion = (1.0 - targets) * targets.amax(dim=1, keepdim=True)
+    return 1.0 + (LESION_POS_WEIGHT - 1.0) * targets + (LESION_HARD_NEGATIVE_WEIGHT - 1.0) * other_lesion
 
 
 def earned_presence(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
