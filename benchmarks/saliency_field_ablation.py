@@ -26,7 +26,9 @@ def _unrestricted(context, batch) -> S.Maps:
     x = torch.from_numpy(normalize(np.ascontiguousarray(batch.prepared), context.preprocess))
     model = context.model.eval()
     with torch.no_grad():
-        out = model.forward_heads(*model.forward_features(x), field=None)
+        pooled, tokens, *rest = model.forward_features(x)
+        shallow, fine = (rest + [None, None])[:2]
+        out = model.forward_heads(pooled, tokens, shallow, field=None, fine=fine)
     return S.Maps(grid=out["saliency"].float().numpy())
 
 

@@ -178,7 +178,11 @@ def test_weak_training_learns_presence_from_image_labels_alone(phantom_train, tm
     data = tmp_path / "nomasks"
     shutil.copytree(phantom_train.parent, data, ignore=shutil.ignore_patterns("masks"))
     config = ModelConfig(backbone=BackboneConfig(name="edgeretina-tiny-rn", image_size=64), lesion_head=True)
-    with pytest.raises(Exception, match="lesion masks"):
+    from edgeretina.errors import DatasetError
+
+    with pytest.raises(ConfigError, match="add --lesion-head"):
+        TrainConfig(data=data / phantom_train.name, out=tmp_path / "x.pt", lesion_labels="image")
+    with pytest.raises(DatasetError, match="lesion masks"):
         train(TrainConfig(data=data / phantom_train.name, out=tmp_path / "m.pt", epochs=1, workers=1, model=config),
               log=lambda _: None, show_progress=False)
     result = train(TrainConfig(data=data / phantom_train.name, out=tmp_path / "w.pt", epochs=1, batch_size=16,

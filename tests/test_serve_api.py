@@ -395,6 +395,28 @@ def test_requests_that_arrive_together_share_one_grader_call(onnx_bundle, tmp_pa
     assert grades[8, 1] == grades[1, 1] == grades[1, 2]
 
 
+def test_cross_site_posts_and_rebound_host_names_are_refused(server, client, photos):
+    """A page on another site (a form, fetch no-cors) must not grade into the keyless loopback service, and a
+    name re-pointed at 127.0.0.1 (DNS rebinding) must not reach it at all."""
+    before = _stored(server.config.data)
+    for headers in ({"Origin": "https://evil.example"}, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"}):
+        refused = client.post("/v1/grade", content=photos[0].read_bytes(), headers=headers)
+        assert refused.status_code == 403 and "cross-site" in refused.json()["detail"], headers
+    assert _stored(server.config.data) == before          # nothing graded, nothing stored
+    own_page = {"Origin": server.url, "Sec-Fetch-Site": "same-origin"}
+    assert client.post("/v1/grade", content=photos[0].read_bytes(), headers=own_page).status_code == 200
+    assert client.get("/v1/results", headers={"Host": "evil.example"}).status_code == 400
+    assert client.get("/healthz", headers={"Host": f"localhost:{server.port}"}).status_code == 200
+
+
+def test_cors_origins_are_checked():
+    from edgeretina.errors import ConfigError
+
+    for bad in ("*", "clinic.example"):
+        with pytest.raises(ConfigError, match="cors-origin"):
+            _config(Path(__file__), Path("/tmp/unused"), cors_origins=(bad,))
+
+
 def test_options_cors_when_asked_and_no_readiness_without_verification(onnx_bundle, tmp_path, photos):
     origin = "https://clinic.example"
     config = _config(onnx_bundle, tmp_path / "data", cors_origins=(origin,), verify="off")
@@ -481,3 +503,33 @@ class TestBatchingQueue:
         gate.set()
         closer.join(5)
         assert running.result(5) == 1
+
+
+def test_a_file_whose_grading_raises_fails_alone_not_its_batch(onnx_bundle, phantom_test, tmp_path):
+    """Fault injection: the grader raises (as a decoder's own exception would) whenever the batch holds
+    the bad file; the service regrades file by file and only that file becomes an error record."""
+    from edgeretina.dataset import read_labels
+    from edgeretina.serve.service import GradingService
+
+    service = GradingService(_config(onnx_bundle, tmp_path / "data", max_batch=4))
+    service.start()
+    try:
+        assert service.wait_loaded(120) and service.state == "ready"
+        good = [str(item.path) for item in read_labels(phantom_test)[:2]]
+        bad = tmp_path / "bad.png"
+        bad.write_bytes(Path(good[0]).read_bytes())
+        real = service.grader.grade_iter
+
+        def raising(files, **kwargs):
+            if str(bad) in files:
+                raise ValueError("decoder exploded")
+            return real(files, **kwargs)
+
+        service.grader.grade_iter = raising
+        groups = service._grade_batch([Path(good[0]), bad, Path(good[1])])
+        assert [len(g) for g in groups] == [1, 1, 1]
+        assert groups[0][0].record.screening is not None and groups[2][0].record.screening is not None
+        failed = groups[1][0].record
+        assert failed.screening is None and "ValueError: decoder exploded" in failed.error
+    finally:
+        service.close()

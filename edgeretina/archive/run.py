@@ -184,6 +184,8 @@ def _stream(todo: list[ArchiveItem], setup: WorkerSetup, workers: int, config: A
     import ray.data
 
     blocks = max(1, min(MAX_BLOCKS, math.ceil(len(todo) / config.batch_size)))
+    # a worker that refuses the bundle fails the job at its first death (worker.py), whatever this Ray's default
+    ray.data.DataContext.get_current().max_consecutive_actor_init_deaths = 0
     dataset = ray.data.from_items([item.to_dict() for item in todo], override_num_blocks=blocks)
     graded = dataset.map_batches(GradeWorker, fn_constructor_args=(setup,), batch_size=config.batch_size,
                                  batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),

@@ -33,6 +33,8 @@ def serve(
                                "'Authorization: Bearer KEY' or 'X-API-Key: KEY'.")] = None,
     cors_origin: Annotated[Optional[list[str]], typer.Option(
         "--cors-origin", help="Allow browser pages from this origin (repeatable); no CORS without it.")] = None,
+    allowed_host: Annotated[Optional[list[str]], typer.Option(
+        "--allowed-host", help="A Host name a loopback service answers besides localhost/127.0.0.1/::1 (repeatable).")] = None,
     backend: Annotated[Optional[Backend], typer.Option("--backend", help="Inference backend (default: the installed one that best fits the bundle).")] = None,
     threads: ThreadsOption = None,
     device: Annotated[Optional[str], typer.Option("--device", help="Backend device (as for grade).")] = None,
@@ -47,6 +49,7 @@ def serve(
     config = ServeConfig(bundle=bundle, host=host, port=port, data=data, workers=workers, queue_size=queue_size,
                          max_batch=max_batch, batch_wait_ms=batch_wait_ms, timeout_s=timeout_s,
                          max_upload_mb=max_upload_mb, api_key_file=api_key_file, cors_origins=tuple(cors_origin or ()),
+                         allowed_hosts=tuple(allowed_host or ()),
                          backend=enum_value(backend), threads=threads, device=device, trust=trust_setting(trust),
                          verify=verify_setting(verify))
     require_extra()

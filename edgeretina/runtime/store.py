@@ -302,7 +302,9 @@ def canonical_time(value: str | _dt.datetime | None) -> str:
         moment = value
     else:
         try:
-            moment = _dt.datetime.fromisoformat(str(value).strip())
+            text = str(value).strip()
+            # Python 3.10's fromisoformat does not read a trailing Z (3.11 does): the store's own times end in one
+            moment = _dt.datetime.fromisoformat(text[:-1] + "+00:00" if text[-1:] in ("Z", "z") else text)
         except ValueError:
             raise ConfigError(f"not an ISO 8601 time: {value!r} (e.g. 2026-05-09T07:35:00Z)") from None
     if moment.tzinfo is None:

@@ -32,7 +32,7 @@ from edgeretina.runtime.store import MAX_LIMIT, PICTURES, StoredResult
 from edgeretina.serve.config import ServeConfig
 from edgeretina.serve.metrics import CONTENT_TYPE, MetricsMiddleware
 from edgeretina.serve.queue import QueueClosed, QueueFull
-from edgeretina.serve.security import api_key_dependency
+from edgeretina.serve.security import CrossSiteGuard, allowed_hosts, api_key_dependency
 from edgeretina.serve.service import GradeTimeout, GradingService, NotReady
 from edgeretina.serve.sniff import KINDS
 from edgeretina.serve.upload import UPLOAD_FIELD, UploadRejected, receive_upload
@@ -79,6 +79,12 @@ def create_app(config: ServeConfig, service: GradingService | None = None) -> Fa
 
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "X-API-Key", "Content-Type"])
+    hosts = allowed_hosts(config.host, config.allowed_hosts)
+    if hosts is not None:       # loopback, no key: refuse DNS-rebound names (security.allowed_hosts)
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
+    app.add_middleware(CrossSiteGuard, cors_origins=config.cors_origins)
     app.add_middleware(MetricsMiddleware, metrics=service.metrics)   # added last: outermost, sees every answer
     auth = [Depends(api_key_dependency(config.api_key))] if config.api_key else []
     _add_probe_routes(app, service, auth)

@@ -35,6 +35,7 @@ class ServeConfig:
     max_upload_mb: float = 32.0           # request body limit, enforced while it streams in; then 413
     api_key_file: Path | None = None      # required when `host` is not loopback
     cors_origins: tuple[str, ...] = ()    # no CORS middleware at all unless origins are given
+    allowed_hosts: tuple[str, ...] = ()   # Host names a loopback service answers besides the loopback ones
     backend: str | None = None            # as Grader(...)
     threads: int | None = None            # the backend's own threads per inference
     device: str | None = None
@@ -46,6 +47,11 @@ class ServeConfig:
         self.bundle, self.data = Path(self.bundle), Path(self.data)
         self.api_key_file = Path(self.api_key_file) if self.api_key_file is not None else None
         self.cors_origins = tuple(self.cors_origins)
+        self.allowed_hosts = tuple(self.allowed_hosts)
+        for origin in self.cors_origins:
+            if origin == "*" or "://" not in origin:
+                raise ConfigError(f"--cors-origin must be one origin such as https://viewer.clinic.example, got "
+                                  f"{origin!r}")
         _check_int("port", self.port, 0, 65535)
         _check_int("workers", self.workers, 1, 64)
         _check_int("queue_size", self.queue_size, 1, 100_000)

@@ -75,3 +75,51 @@ def api_key_dependency(expected: str):
                                 headers={"WWW-Authenticate": "Bearer"})
 
     return require_api_key
+
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
+
+
+def allowed_hosts(bind_host: str, extra: tuple[str, ...] = ()) -> list[str] | None:
+    """The Host header values a keyless (loopback) service answers: the loopback names, the bound address
+    and `extra` (--allowed-host). A web page whose domain an attacker re-points at 127.0.0.1 (DNS rebinding)
+    is then refused: its requests carry the attacker's name. None (no check) when the service listens beyond
+    loopback: the API key guards it there, and the names clients use for it are the site's to choose."""
+    if not is_loopback(bind_host):
+        return None
+    return sorted({*LOOPBACK_NAMES, bind_host.strip(), *extra})
+
+
+class CrossSiteGuard:
+    """ASGI middleware: a POST that a browser sends from another site is refused with 403 before any body is
+    read. A form or `fetch(..., {mode: "no-cors"})` on any page the technician has open could otherwise make
+    the loopback service (no key there) grade and store a photo — a cross-site request needs no CORS
+    preflight. Browsers mark such requests (`Origin`, `Sec-Fetch-Site`); camera software and curl send
+    neither and pass. An origin listed in --cors-origin is allowed."""
+
+    def __init__(self, app, cors_origins: tuple[str, ...] = ()):
+        self.app = app
+        self.cors_origins = {origin.rstrip("/").lower() for origin in cors_origins}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST" and self._cross_site(scope):
+            from starlette.responses import JSONResponse
+
+            response = JSONResponse({"detail": "cross-site request refused: this service grades requests from "
+                                               "its own page, API clients, or a --cors-origin"}, status_code=403)
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _cross_site(self, scope) -> bool:
+        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
+        origin = headers.get("origin", "").rstrip("/").lower()
+        if origin and origin in self.cors_origins:
+            return False
+        if headers.get("sec-fetch-site", "").lower() == "cross-site":
+            return True
+        if not origin:
+            return False          # no browser's cross-origin request: curl, camera software
+        if origin == "null":
+            return True           # a sandboxed frame or a file:// page
+        return origin.split("://", 1)[-1] != headers.get("host", "").lower()

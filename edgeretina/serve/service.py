@@ -23,13 +23,14 @@ import logging
 import os
 import shutil
 import tempfile
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeretina.errors import EdgeRetinaError, ServeError
-from edgeretina.runtime.grader import GradedImage, Grader
+from edgeretina.runtime.grader import GradedImage, Grader, GradeRecord
 from edgeretina.runtime.store import ResultStore, StoredResult
 from edgeretina.runtime.verify import manifest_sha256
 from edgeretina.runtime.visuals import CARD_SUFFIX, write_visuals
@@ -229,12 +230,30 @@ class GradingService:
         return outcome
 
     def _grade_batch(self, paths: list[Path]) -> list[list[GradedImage]]:
-        """The queue's `process`: one Grader call for the whole batch, its images grouped back by file."""
+        """The queue's `process`: one Grader call for the whole batch, its images grouped back by file. When
+        the call raises (a decoder's own exception on a malformed file, which the Grader does not turn into
+        an error record), each file is graded alone, so only the file that raises becomes an error record:
+        one bad upload never fails the requests batched with it."""
         files = [str(path) for path in paths]
+        try:
+            return self._grade_files(files)
+        except Exception:
+            if len(files) == 1:
+                return [[_failed_image(files[0], *sys.exc_info()[:2])]]
+        return [self._grade_alone(file) for file in files]
+
+    def _grade_files(self, files: list[str]) -> list[list[GradedImage]]:
         groups: dict[str, list[GradedImage]] = {file: [] for file in files}
         for image in self.grader.grade_iter(files, batch_size=self.config.max_batch):
             groups[image.record.file].append(image)
         return [groups[file] for file in files]
+
+    def _grade_alone(self, file: str) -> list[GradedImage]:
+        try:
+            return self._grade_files([file])[0]
+        except Exception as exc:
+            log.warning("grading %s raised %s: %s", file, type(exc).__name__, exc)
+            return [_failed_image(file, type(exc), exc)]
 
     def _sweep_staging(self) -> None:
         """Remove upload folders a crashed run left behind (uploads are patients' photos: none should linger):
@@ -284,3 +303,8 @@ def _scrub(message: str | None, staged: Path, name: str) -> str | None:
     if not message:
         return message
     return message.replace(str(staged), name).replace(os.fspath(staged.parent), "")
+
+
+def _failed_image(file: str, kind: type, exc: BaseException) -> GradedImage:
+    """An error record for a file whose grading raised: the client gets 422 with the reason, nothing is stored."""
+    return GradedImage(record=GradeRecord(file=file, error=f"could not be graded ({kind.__name__}: {exc})"))

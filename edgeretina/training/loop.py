@@ -138,6 +138,8 @@ class TrainConfig:
             raise ConfigError(f"device must be one of {', '.join(DEVICES)}, not {self.device!r}")
         if self.lesion_labels not in LESION_LABELS:
             raise ConfigError(f"lesion_labels must be one of {', '.join(LESION_LABELS)}, not {self.lesion_labels!r}")
+        if self.lesion_labels == "image" and not self.model.lesion_head:
+            raise ConfigError("image-level lesion labels train the lesion head: add --lesion-head")
         if self.lesion_labels == "image" and self.lesion_generation.probability > 0:
             raise ConfigError("lesion generation pastes lesions from their masks: it needs lesion_labels 'masks'")
         check_contrastive_config(self)
