@@ -260,7 +260,7 @@ def test_a_body_over_the_limit_is_refused_while_it_streams(server, client):
     # a declared length over the limit is refused before the body is asked for: a client that waits for
     # "100 Continue" (curl does, for large bodies) never sends it
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
-        raw.sendall(b"POST /v1/grade HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+        raw.sendall(b"POST /v1/grade HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
                     b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n" % len(big))
         assert raw.recv(4096).startswith(b"HTTP/1.1 413 ")
     assert list(server.config.staging.iterdir()) == []

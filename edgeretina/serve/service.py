@@ -286,7 +286,8 @@ class _SerializedRunner:
 
 def _abandoned_stage(entry: Path) -> bool:
     """A locked-stage folder whose lock nobody holds: its request died with its process."""
-    if fcntl is None or entry.name.startswith(_NEW_STAGE) or entry.is_symlink() or not entry.is_dir():
+    # a dot-named folder nobody holds was left between its creation and its lock (new_stage): abandoned too
+    if fcntl is None or entry.is_symlink() or not entry.is_dir():
         return False
     fd = os.open(entry, os.O_RDONLY)
     try:
