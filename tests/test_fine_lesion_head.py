@@ -13,6 +13,7 @@ from edgeretina.training.backbone import BackboneConfig
 from edgeretina.training.data import to_model_input
 from edgeretina.training.losses import lesion_loss
 from edgeretina.training.model import GraderModel, ModelConfig
+from test_saliency_graph import _disc  # noqa: E402  (the same synthetic fundus disc)
 
 L = len(LESION_CODES)
 
@@ -20,14 +21,6 @@ L = len(LESION_CODES)
 def _model(**kwargs) -> GraderModel:
     torch.manual_seed(0)
     return GraderModel(ModelConfig(backbone=BackboneConfig(name="edgeretina-tiny-rn", image_size=64), lesion_head=True, **kwargs)).eval()
-
-
-def _disc(size: int = 64, radius: float = 0.45) -> np.ndarray:
-    yy, xx = np.mgrid[:size, :size]
-    inside = (yy - size / 2 + 0.5) ** 2 + (xx - size / 2 + 0.5) ** 2 <= (radius * size) ** 2
-    image = np.zeros((1, size, size, 3), np.uint8)
-    image[0][inside] = (150, 60, 30)
-    return image
 
 
 def _inputs(model, images_u8):
