@@ -16,7 +16,6 @@ frame. Parts of other bundles, and of files no longer in the sources, stay in pa
 from __future__ import annotations
 
 import datetime as _dt
-import fcntl
 import os
 import time
 from collections import defaultdict
@@ -26,6 +25,7 @@ from pathlib import Path
 from edgeretina.archive.rows import KEY_COLUMNS, row_schema
 from edgeretina.atomic import write_atomic
 from edgeretina.errors import ArchiveError
+from edgeretina.locks import ExclusiveLock
 
 PART_GLOB = "part-*.parquet"
 _STATE_COLUMNS = (*KEY_COLUMNS, "frame", "frames", "error", "bundle_sha256")
@@ -157,20 +157,6 @@ def remove_stale_temporaries(folder: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-class OutputLock:
-    """One run writes to an output folder at a time (flock: released when the process dies, however)."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-
-    def __enter__(self) -> "OutputLock":
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            raise ArchiveError(f"another grade-archive run is writing to {self.path.parent}") from None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        os.close(self.fd)
+def OutputLock(path: Path) -> ExclusiveLock:   # noqa: N802 - used as `with OutputLock(...)`
+    """One run writes to an output folder at a time."""
+    return ExclusiveLock(path, lambda held: ArchiveError(f"another grade-archive run is writing to {held.parent}"))

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from edgeretina.errors import ConfigError, EdgeRetinaError
+from edgeretina.locks import ExclusiveLock
 from edgeretina.preprocess import is_image_file
 from edgeretina.runtime.grader import GradedImage, GradeRecord, Grader
 from edgeretina.runtime.store import ResultStore
@@ -132,7 +133,7 @@ class Watcher:
     def run(self, stop: threading.Event, on_record: Callable[[dict], None] | None = None) -> WatchSummary:
         self.config.out.mkdir(parents=True, exist_ok=True)
         summary = WatchSummary()
-        with _exclusive_lock(self.config.out / LOCK_NAME):
+        with _watcher_lock(self.config.out / LOCK_NAME):
             done = load_done_keys(self.results)
             self._recorded_paths = {key.path for key in done}
             store = ResultStore(self.config.store) if self.config.store is not None else None
@@ -314,25 +315,9 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
-class _exclusive_lock:
+def _watcher_lock(path: Path) -> ExclusiveLock:
     """Two watchers on one OUT would grade every image twice; the second one is refused."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.fd: int | None = None
-
-    def __enter__(self) -> "_exclusive_lock":
-        import fcntl   # POSIX; the devices this runs on are Linux
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            raise ConfigError(f"another watcher is already writing to {self.path.parent}") from None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        os.close(self.fd)   # closing releases the lock
+    return ExclusiveLock(path, lambda held: ConfigError(f"another watcher is already writing to {held.parent}"))
 
 
 def _stop_on_signals(stop: threading.Event) -> None:
