@@ -52,6 +52,11 @@ class OpenVinoRunner(Runner):
         config = {"PERFORMANCE_HINT": "LATENCY"}   # one camera, one image at a time: latency, not throughput
         if self.threads:
             config["INFERENCE_NUM_THREADS"] = str(self.threads)
+            # A thread share means other work on this machine. OpenVINO pins a stream's threads to cores
+            # counted from core 0 in every process, so single-thread runners side by side (grade-archive's
+            # Ray workers) all ran on core 0: ViT-B-16 INT8, 1 thread, 2 processes on 2 cores (x86-amx),
+            # 324 ms an image each pinned, 163 ms unpinned (one process alone: 146 vs 159 ms).
+            config["ENABLE_CPU_PINNING"] = "NO"
         self.precision_hint_source = None
         hint = self.measured_precision_hint()
         if hint:
