@@ -1,18 +1,25 @@
-"""Ablation of the lesion-to-grade side connection (issue 14): does letting the lesion head's image-level
-presences move the CORAL logits help held-out QWK?
+"""Paired training ablations (issue 14): does a training option raise held-out QWK on the phantom?
 
-Usage: python benchmarks/side_connection_ablation.py --out FILE.json [--data DIR] [--heldout DIR]
-           [--seeds 0 1 2 3] [--train-n 680] [--heldout-n 400] [--image-size 96] [--epochs 10] [--threads 2]
-Per seed, two tiny-rn models with the lesion head are trained on the same phantom set: without the side
-connection (`off`) and with it (`on`, ModelConfig(lesion_to_grade=True)). The seed fixes the validation
-split, the initialisation (the side weight is built last and starts at zero, so every other parameter
-starts the same), the batches and the augmentation: the two arms differ only by the connection. Each
-checkpoint is evaluated on the held-out set as `edgeretina evaluate` does (evaluation/run.py); the CORAL
-head's QWK and referable AUC are kept, with the learned side weight per lesion type.
+Usage: python benchmarks/training_ablation.py --study side-connection|lesion-generation --out FILE.json
+           [--data DIR] [--heldout DIR] [--seeds 0 1 2 3] [--train-n 680] [--heldout-n 400] [--image-size 96]
+           [--epochs 10] [--threads 2]
+Studies (STUDIES: the first arm is the reference every other arm is compared with):
+- side-connection: the lesion-to-grade side connection (ModelConfig.lesion_to_grade) off vs on: may the lesion
+  head's image-level presences move the CORAL logits? The side weight is built last and starts at zero, so
+  every other parameter starts the same in both arms.
+- lesion-generation: ELLG lesion generation (TrainConfig.lesion_generation) off vs on at probability 0.5
+  with the grade raised by what the pasted lesions imply (`paste`) vs with only lesions that imply no higher
+  grade (`paste-keep-grade`: no label changes).
+Per seed, one tiny-rn model with the lesion head is trained per arm on the same phantom set. The seed fixes
+the validation split, the initialisation, the batches and the augmentation: the arms differ only by the
+option. Each checkpoint is evaluated on the held-out set as `edgeretina evaluate` does (evaluation/run.py);
+the CORAL head's QWK and referable AUC are kept, with what the option learned (the side weight per lesion type).
 Without --data/--heldout the phantom sets are rendered into --workdir (reused there on a rerun; dataset
 seeds 1 and 2, so a --data folder of seed 2 would share cases with the rendered held-out set). OUT holds
-the runs, mean ± sd per arm, the paired difference on − off (mean ± sd, seeds where it is positive), the
-machine and the command line; it is rewritten after every run, so an interrupted ablation keeps its rows.
+the runs, mean ± sd per arm, the paired difference of each arm to the reference (mean ± sd, seeds where it is
+positive), the machine and the command line; it is rewritten after every run, so an interrupted ablation
+keeps its rows. (The side-connection result of 2026-12-02 was recorded as side_connection_ablation.py, this
+script before it took other studies.)
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from edgeretina.atomic import write_json_atomic
 from edgeretina.bench import machine_info
@@ -36,13 +44,44 @@ from edgeretina.grades import LESION_CODES
 from edgeretina.text_tables import table_lines
 
 ARCH = "edgeretina-tiny-rn"
-ARMS = ("off", "on")                 # side connection absent / present; "off" is the reference of the difference
 TRAIN_SEED, HELDOUT_SEED = 1, 2      # phantom dataset seeds, as the demo: the held-out set shares no case
 METRICS = ("qwk", "auc")
+LESION_GENERATION_PROBABILITY = 0.5   # the share of training images that get pasted lesions in the "paste" arms
+
+
+@dataclass(frozen=True)
+class Study:
+    """One ablation: its question, its arms (the first is the reference) and what each arm sets."""
+    question: str
+    arms: tuple[str, ...]
+    options: Callable[[str], tuple[dict[str, Any], dict[str, Any]]]   # arm -> (ModelConfig, TrainConfig) fields
+
+
+def _side_connection(arm: str) -> tuple[dict, dict]:
+    return {"lesion_to_grade": arm == "on"}, {}
+
+
+def _lesion_generation(arm: str) -> tuple[dict, dict]:
+    from edgeretina.training.lesion_generation import LesionGenerationConfig
+
+    if arm == "off":
+        return {}, {}
+    return {}, {"lesion_generation": LesionGenerationConfig(probability=LESION_GENERATION_PROBABILITY,
+                                                            raise_grade=arm == "paste")}
+
+
+STUDIES = {
+    "side-connection": Study("does the lesion-to-grade side connection (ModelConfig.lesion_to_grade) raise held-out QWK?",
+                             ("off", "on"), _side_connection),
+    "lesion-generation": Study("does ELLG lesion generation (TrainConfig.lesion_generation, probability "
+                               f"{LESION_GENERATION_PROBABILITY}) raise held-out QWK, with the grade raised by the "
+                               "pasted lesions or kept?", ("off", "paste", "paste-keep-grade"), _lesion_generation),
+}
 
 
 @dataclass(frozen=True)
 class AblationConfig:
+    study: str                       # a key of STUDIES
     out: Path
     workdir: Path
     data: Path | None                # phantom folder to train on (None: render train_n cases into workdir)
@@ -61,6 +100,7 @@ class AblationConfig:
 
 def parse_args(argv: list[str] | None = None) -> AblationConfig:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--study", choices=sorted(STUDIES), required=True, help="which option to ablate")
     parser.add_argument("--out", type=Path, required=True, help="result JSON")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="phantom sets, checkpoints and evaluation reports (default: OUT without .json + '-work')")
@@ -80,7 +120,7 @@ def parse_args(argv: list[str] | None = None) -> AblationConfig:
     if len(set(args.seeds)) != len(args.seeds):
         parser.error("--seeds must not repeat a seed (the difference is paired by seed)")
     workdir = args.workdir or args.out.with_name(args.out.stem + "-work")
-    return AblationConfig(out=args.out, workdir=workdir, data=args.data, heldout=args.heldout, seeds=tuple(args.seeds),
+    return AblationConfig(study=args.study, out=args.out, workdir=workdir, data=args.data, heldout=args.heldout, seeds=tuple(args.seeds),
                           train_n=args.train_n, heldout_n=args.heldout_n, phantom_size=args.phantom_size,
                           image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
                           val_fraction=args.val_fraction, threads=args.threads, precision=args.precision)
@@ -116,20 +156,20 @@ def phantom_set(given: Path | None, folder: Path, n: int, seed: int, config: Abl
     return folder
 
 
-def train_arm(config: AblationConfig, train_dir: Path, seed: int, side: bool) -> Path:
-    """Train one arm; the checkpoint path. Everything but lesion_to_grade is the same in both arms."""
+def train_arm(config: AblationConfig, train_dir: Path, seed: int, arm: str) -> Path:
+    """Train one arm; the checkpoint path. Everything but what the study's arm sets is the same in every arm."""
     from edgeretina.training.backbone import BackboneConfig
     from edgeretina.training.loop import TrainConfig, train
     from edgeretina.training.model import ModelConfig
 
-    arm = ARMS[side]
+    model_options, train_options = STUDIES[config.study].options(arm)
     model = ModelConfig(backbone=BackboneConfig(name=ARCH, image_size=config.image_size), lesion_head=True,
-                        lesion_to_grade=side)
+                        **model_options)
     out = config.workdir / "checkpoints" / f"seed{seed}-{arm}.pt"
     prefix = f"[seed {seed} {arm}] "
     result = train(TrainConfig(data=(f"phantom:{train_dir}",), out=out, model=model, val_fraction=config.val_fraction,
                                epochs=config.epochs, batch_size=config.batch_size, seed=seed, threads=config.threads,
-                               workers=config.threads, precision=config.precision),
+                               workers=config.threads, precision=config.precision, **train_options),
                    log=lambda line: print(prefix + line, file=sys.stderr, flush=True), show_progress=False)
     return result.checkpoint
 
@@ -150,7 +190,8 @@ def evaluate_arm(config: AblationConfig, checkpoint: Path, heldout_dir: Path) ->
 
 def checkpoint_facts(checkpoint: Path) -> dict:
     """What training left in the checkpoint: epochs run, the best epoch, validation QWK, precision, and the
-    learned side weight per lesion type (None without the connection)."""
+    learned side weight per lesion type (None without the connection) and what lesion generation pasted (None
+    when it was off)."""
     from edgeretina.training.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
@@ -159,15 +200,15 @@ def checkpoint_facts(checkpoint: Path) -> dict:
     weights = None if side is None else dict(zip(LESION_CODES, (float(w) for w in side.weight.detach()[0])))
     return {"epochs": summary["schedule"]["epochs_run"], "best_epoch": summary.get("best_epoch"),
             "val_qwk": summary.get("val_metrics", {}).get("qwk"), "precision": summary["schedule"]["precision"],
-            "side_weights": weights}
+            "side_weights": weights, "lesion_generation": summary.get("lesion_generation")}
 
 
-def run_one(config: AblationConfig, train_dir: Path, heldout_dir: Path, seed: int, side: bool) -> dict:
+def run_one(config: AblationConfig, train_dir: Path, heldout_dir: Path, seed: int, arm: str) -> dict:
     begun = time.perf_counter()
-    checkpoint = train_arm(config, train_dir, seed, side)
+    checkpoint = train_arm(config, train_dir, seed, arm)
     trained = time.perf_counter()
     scores = evaluate_arm(config, checkpoint, heldout_dir)
-    return {"seed": seed, "side": ARMS[side], **scores, **checkpoint_facts(checkpoint),
+    return {"seed": seed, "arm": arm, **scores, **checkpoint_facts(checkpoint),
             "seconds": round(trained - begun, 1), "eval_seconds": round(time.perf_counter() - trained, 1),
             "checkpoint": str(checkpoint)}
 
@@ -178,20 +219,24 @@ def mean_sd(values: list[float]) -> dict:
             "sd": statistics.stdev(values) if len(values) > 1 else None, "n": len(values)}
 
 
-def summarise(rows: list[dict]) -> dict:
-    """Per arm mean ± sd of each metric; the paired difference on − off over the seeds both arms finished."""
-    arms = {arm: {m: mean_sd([r[m] for r in rows if r["side"] == arm]) for m in METRICS} for arm in ARMS}
-    by_seed = {(r["seed"], r["side"]): r for r in rows}
-    paired = sorted(seed for seed, arm in by_seed if arm == "on" and (seed, "off") in by_seed)
-    difference = {}
-    for metric in METRICS:
-        deltas = [by_seed[(s, "on")][metric] - by_seed[(s, "off")][metric] for s in paired]
-        difference[metric] = {**mean_sd(deltas), "per_seed": dict(zip(map(str, paired), deltas)),
-                              "positive": sum(d > 0 for d in deltas)}
-    weights = [r["side_weights"] for r in rows if r["side_weights"]]
+def summarise(rows: list[dict], arms: tuple[str, ...]) -> dict:
+    """Per arm mean ± sd of each metric; per arm after the first (the reference), the paired difference arm −
+    reference over the seeds both finished."""
+    reference = arms[0]
+    per_arm = {arm: {m: mean_sd([r[m] for r in rows if r["arm"] == arm]) for m in METRICS} for arm in arms}
+    by_seed = {(r["seed"], r["arm"]): r for r in rows}
+    differences = {}
+    for arm in arms[1:]:
+        paired = sorted(seed for seed, name in by_seed if name == arm and (seed, reference) in by_seed)
+        difference: dict[str, Any] = {"paired_seeds": paired}
+        for metric in METRICS:
+            deltas = [by_seed[(s, arm)][metric] - by_seed[(s, reference)][metric] for s in paired]
+            difference[metric] = {**mean_sd(deltas), "per_seed": dict(zip(map(str, paired), deltas)),
+                                  "positive": sum(d > 0 for d in deltas)}
+        differences[f"{arm} - {reference}"] = difference
+    weights = [r["side_weights"] for r in rows if r.get("side_weights")]
     side_weights = {code: mean_sd([w[code] for w in weights]) for code in LESION_CODES} if weights else None
-    return {"arms": arms, "difference_on_minus_off": difference, "paired_seeds": paired,
-            "side_weights": side_weights}
+    return {"arms": per_arm, "reference": reference, "differences": differences, "side_weights": side_weights}
 
 
 @dataclass(frozen=True)
@@ -207,8 +252,9 @@ class Session:
 def result_document(config: AblationConfig, session: Session, rows: list[dict], complete: bool) -> dict:
     train_dir, heldout_dir = session.train_dir, session.heldout_dir
     return {
-        "benchmark": "side_connection_ablation", "issue": 14, "complete": complete,
-        "question": "does the lesion-to-grade side connection (ModelConfig.lesion_to_grade) raise held-out QWK?",
+        "benchmark": "training_ablation", "study": config.study, "issue": 14, "complete": complete,
+        "question": STUDIES[config.study].question,
+        "arms": {arm: _described(STUDIES[config.study].options(arm)) for arm in STUDIES[config.study].arms},
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "settings": {"arch": ARCH, "lesion_head": True, "image_size": config.image_size, "epochs": config.epochs,
                      "batch_size": config.batch_size, "val_fraction": config.val_fraction, "seeds": list(config.seeds),
@@ -221,7 +267,7 @@ def result_document(config: AblationConfig, session: Session, rows: list[dict], 
         "cpu": cpu_info()[0], "cpu_class": cpu_class(), "machine": machine_info(),
         "load_average_at_start": list(session.load_at_start), "load_average_now": list(os.getloadavg()),
         "seconds": round(time.perf_counter() - session.started, 1),
-        "runs": rows, "summary": summarise(rows),
+        "runs": rows, "summary": summarise(rows, STUDIES[config.study].arms),
     }
 
 
@@ -238,6 +284,15 @@ def source_state() -> dict:
     return {"commit": commit.stdout.strip(), "changed": [line[3:] for line in changed.stdout.splitlines()]}
 
 
+def _described(options: tuple[dict, dict]) -> dict:
+    """An arm's (ModelConfig, TrainConfig) fields as JSON (dataclass values as their fields)."""
+    from dataclasses import asdict, is_dataclass
+
+    model_options, train_options = options
+    return {name: asdict(value) if is_dataclass(value) else value
+            for name, value in {**model_options, **train_options}.items()}
+
+
 def _count(folder: Path) -> int:
     with open(folder / "labels.csv", newline="") as handle:
         return sum(1 for _ in csv.DictReader(handle))
@@ -248,17 +303,17 @@ def table(document: dict) -> list[str]:
     def num(value, signed=False):
         return "-" if value is None else f"{value:+.4f}" if signed else f"{value:.4f}"
 
-    runs = [[str(r["seed"]), r["side"], num(r["qwk"]), num(r["auc"]), str(r["epochs"]), f"{r['seconds']:.0f}",
-             " ".join(f"{c} {w:+.3f}" for c, w in r["side_weights"].items()) if r["side_weights"] else ""]
+    runs = [[str(r["seed"]), r["arm"], num(r["qwk"]), num(r["auc"]), str(r["epochs"]), f"{r['seconds']:.0f}",
+             " ".join(f"{c} {w:+.3f}" for c, w in r["side_weights"].items()) if r.get("side_weights") else ""]
             for r in document["runs"]]
     summary = document["summary"]
     arms = [[arm, *(f"{num(s[m]['mean'])} ± {num(s[m]['sd'])}" for m in METRICS), str(s["qwk"]["n"])]
             for arm, s in summary["arms"].items()]
-    diff = summary["difference_on_minus_off"]
-    arms.append(["on − off", *(f"{num(diff[m]['mean'], True)} ± {num(diff[m]['sd'])} "
-                               f"({diff[m]['positive']}/{diff[m]['n']} > 0)" for m in METRICS), str(diff["qwk"]["n"])])
+    for name, diff in summary["differences"].items():
+        arms.append([name, *(f"{num(diff[m]['mean'], True)} ± {num(diff[m]['sd'])} "
+                             f"({diff[m]['positive']}/{diff[m]['n']} > 0)" for m in METRICS), str(diff["qwk"]["n"])])
     return (table_lines(runs, ["right", "left", "right", "right", "right", "right", "left"],
-                        ["seed", "side", "QWK", "AUC", "epochs", "s", "side weights"])
+                        ["seed", "arm", "QWK", "AUC", "epochs", "s", "side weights"])
             + [""] + table_lines(arms, ["left", "left", "left", "right"], ["arm", "QWK", "referable AUC", "seeds"]))
 
 
@@ -274,8 +329,8 @@ def main(argv: list[str] | None = None) -> None:
         session = Session(train_dir, heldout_dir, started, load_at_start, source_state())
         rows: list[dict] = []
         for seed in config.seeds:
-            for side in (False, True):
-                rows.append(run_one(config, train_dir, heldout_dir, seed, side))
+            for arm in STUDIES[config.study].arms:
+                rows.append(run_one(config, train_dir, heldout_dir, seed, arm))
                 write_json_atomic(config.out, result_document(config, session, rows, False))
     except EdgeRetinaError as exc:
         raise SystemExit(f"error: {exc}") from None
