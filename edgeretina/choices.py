@@ -26,3 +26,4 @@ LESION_LABELS = ("masks", "image")                        # training/loop.py: pi
 TRAINING_DEVICES = ("cpu", "cuda")                       # training/loop.py, training/distributed.py
 BANK_DTYPES = ("float16", "int8")                      # bank.npz on disk (bank_storage.py)
 BACKENDS = ("onnxruntime", "tensorrt", "openvino")     # runtime/backends/registry.py maps each to its runner
+COUNTERFACTUAL_EVIDENCE = ("auto", "lesion", "saliency")   # runtime/counterfactual.py: the map that picks removals

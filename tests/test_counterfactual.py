@@ -8,6 +8,7 @@ where the right counterfactual is known: remove the spots, largest first, and th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -19,9 +20,10 @@ from edgeretina.dataset import read_labels
 from edgeretina.errors import ConfigError, ImageDecodeError, UngradableImageError
 from edgeretina.preprocess import decode_image, detect_fov, prepare
 from edgeretina.runtime import Grader
+from edgeretina.grades import LESION_CODES
 from edgeretina.runtime.counterfactual import (STOP_HEALTHY, STOP_MAX_STEPS, STOP_NOTHING_SALIENT, CounterfactualConfig,
                                                cells_to_pixels, counterfactual, field_mask,
-                                               inpaint, removed_region_map, select_cells)
+                                               inpaint, lesion_evidence, removed_region_map, select_cells)
 from edgeretina.runtime.counterfactual_strip import OUTLINE, TILE, strip_size, write_strip_png
 from edgeretina.runtime.postprocess import grade_results
 
@@ -204,6 +206,92 @@ def test_a_flat_map_has_nothing_salient_to_remove(spot_grader, spotted, monkeypa
     cf = counterfactual(spot_grader, spotted[0])
     assert cf.grades == [3] and cf.stopped == STOP_NOTHING_SALIENT and not cf.union.any()
     assert not removed_region_map(cf).any()
+
+
+# --- driven by the lesion map -------------------------------------------------------------------------
+
+HE = LESION_CODES.index("HE")
+
+
+@pytest.fixture
+def lesion_spot_grader(spot_grader, monkeypatch):
+    """The green-spot model with a lesion head: haemorrhage logits on a grid twice as fine as the saliency's,
+    +8 on cells holding spot pixels and -8 elsewhere (every other type -8)."""
+    model = spot_grader.runner
+
+    def with_lesions(inputs):
+        out = GreenSpotModel.run(model, inputs)
+        h, w = out["saliency"].shape[1:]
+        mean = np.asarray(model.preprocess.mean, np.float32)[None, :, None, None]
+        std = np.asarray(model.preprocess.std, np.float32)[None, :, None, None]
+        r, g, b = np.moveaxis(inputs * std + mean, 1, 0)
+        green = ((g - r > 0.3) & (g - b > 0.3)).astype(np.float32)
+        share = np.stack([cv2.resize(m, (2 * w, 2 * h), interpolation=cv2.INTER_AREA) for m in green])
+        logits = np.full((len(inputs), len(LESION_CODES), 2 * h, 2 * w), -8.0, np.float32)
+        logits[:, HE] = np.where(share > 0.01, 8.0, -8.0)
+        out["lesion_logits"] = logits
+        return out
+
+    monkeypatch.setattr(model, "run", with_lesions)
+    names = list(spot_grader.bundle.manifest.outputs["names"])
+    monkeypatch.setitem(spot_grader.bundle.manifest.outputs, "names", [*names, "lesion_logits"])
+    return spot_grader
+
+
+def test_lesion_evidence_removes_the_lesion_cells_of_the_finer_grid(lesion_spot_grader, phantom_test, tmp_path):
+    # three small spots, each inside one cell of the lesion grid (8 px) and in its own saliency cell (16 px)
+    fine_cells = [(2, 5), (5, 2), (2, 2)]
+    path, masks, _ = paint_spots(lesion_spot_grader, read_labels(phantom_test)[0].path, tmp_path / "fine.png",
+                                 [(((i + 0.5) * 8, (j + 0.5) * 8), 4) for i, j in fine_cells])
+    by_saliency = counterfactual(lesion_spot_grader, path, CounterfactualConfig(region_fraction=0.2,
+                                                                                evidence="saliency"))
+    cf = counterfactual(lesion_spot_grader, path, CounterfactualConfig(region_fraction=0.2))   # auto: the lesion map
+    assert cf.evidence == "lesion" and by_saliency.evidence == "saliency"
+    assert cf.grades == [3, 0] and cf.stopped == STOP_HEALTHY
+    assert sorted(cf.steps[1].cells) == sorted(fine_cells)
+    assert cf.steps[0].saliency.shape == tuple(2 * n for n in by_saliency.steps[0].saliency.shape)
+    assert cf.union[np.logical_or.reduce(masks)].all()
+    x0, _, x1, _ = cf.geometry.crop_box
+    fine_side = (x1 - x0) / cf.steps[0].saliency.shape[1]          # in photo pixels
+    assert cf.union.sum() == pytest.approx(3 * fine_side ** 2, rel=0.05)       # the three fine cells, not more
+    assert cf.union.sum() == pytest.approx(by_saliency.union.sum() / 4, rel=0.05)   # a quarter of the coarse cells
+    assert cf.to_dict()["evidence"] == "lesion" and cf.to_dict()["steps"][0]["grid"] == list(cf.steps[0].saliency.shape)
+
+
+def test_a_lesion_that_grows_back_into_its_cell_is_removed_again(lesion_spot_grader, spotted):
+    # the spots straddle the lesion grid's cell borders: a partial removal is refilled green from the spot
+    # around it, and the cell must be allowed to go again (else the loop stopped at grade 1, spot half there)
+    path, spots = spotted
+    cf = counterfactual(lesion_spot_grader, path, CounterfactualConfig(region_fraction=0.2))
+    assert cf.stopped == STOP_HEALTHY and cf.final.grade == 0
+    assert cf.union[np.logical_or.reduce(list(spots.values()))].all()
+    removed_twice = [cell for cell in cf.steps[-1].cells if any(cell in s.cells for s in cf.steps[1:-1])]
+    assert len(cf.steps) > 2 and removed_twice
+
+
+def test_lesion_evidence_stops_when_no_type_reaches_its_threshold(lesion_spot_grader, spotted, monkeypatch):
+    # the grade still says 3, but no cell is a lesion the record would list: nothing salient to remove
+    monkeypatch.setattr(lesion_spot_grader, "grading", dataclasses.replace(lesion_spot_grader.grading,
+                                                                           lesion_thresholds=[0.9999] * len(LESION_CODES)))
+    cf = counterfactual(lesion_spot_grader, spotted[0], CounterfactualConfig(evidence="lesion"))
+    assert cf.grades == [3] and cf.stopped == STOP_NOTHING_SALIENT and not cf.union.any()
+
+
+def test_lesion_evidence_needs_a_graph_with_lesion_logits(grader, diseased):
+    assert "lesion_logits" not in grader.bundle.manifest.outputs["names"]
+    with pytest.raises(ConfigError, match="lesion_logits"):
+        counterfactual(grader, diseased, CounterfactualConfig(evidence="lesion"))
+    assert counterfactual(grader, diseased, CounterfactualConfig(max_steps=1)).evidence == "saliency"
+    with pytest.raises(ConfigError, match="evidence"):
+        CounterfactualConfig(evidence="gradcam")
+
+
+def test_lesion_evidence_is_the_largest_margin_over_each_types_threshold():
+    logits = np.array([[[0.0, 2.0]], [[1.0, -3.0]]], np.float32)       # 2 types on a 1 x 2 grid
+    margins = lesion_evidence(logits, [0.5, 1 / (1 + np.exp(-2.0))])   # logit cuts 0 and 2
+    np.testing.assert_allclose(margins, [[0.0, 2.0]], atol=1e-6)       # cell 0: max(0 - 0, 1 - 2); cell 1: 2 - 0
+    with pytest.raises(ConfigError):
+        lesion_evidence(logits, [0.5])
 
 
 # --- the pieces -------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ from typing import Annotated, Optional, Sequence
 
 import typer
 
-from edgeretina.choices import (BACKENDS, BANK_DTYPES, EXPORT_PRECISIONS, EXPORT_TARGETS, GATE_MODES, TARGET_PRECISIONS,
-                                TRAINING_PRECISIONS)
+from edgeretina.choices import (BACKENDS, BANK_DTYPES, COUNTERFACTUAL_EVIDENCE, EXPORT_PRECISIONS, EXPORT_TARGETS,
+                                GATE_MODES, TARGET_PRECISIONS, TRAINING_PRECISIONS)
 
 BundleOption = Annotated[Path, typer.Option("--bundle", "-b", help="Exported bundle directory or .zip.")]
 ThreadsOption = Annotated[Optional[int], typer.Option("--threads", min=1, help="Inference threads (default: all cores).")]
@@ -49,6 +49,7 @@ GateMode = choice_enum("GateMode", GATE_MODES)
 BankDtype = choice_enum("BankDtype", BANK_DTYPES)
 TrainingPrecision = choice_enum("TrainingPrecision", TRAINING_PRECISIONS)
 Backend = choice_enum("Backend", BACKENDS)
+CounterfactualEvidence = choice_enum("CounterfactualEvidence", COUNTERFACTUAL_EVIDENCE)
 EnginePrecision = choice_enum("EnginePrecision", TARGET_PRECISIONS["jetson"])
 ComputeThreadsOption = Annotated[Optional[int], typer.Option(
     "--threads", min=1, help="CPU threads for training and the held-out grading (default: all cores).")]

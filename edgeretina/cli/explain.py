@@ -8,7 +8,8 @@ import typer
 
 from edgeretina.cli import app
 from edgeretina.cli._logs import LogOption, warnings_to_log
-from edgeretina.cli._options import (Backend, BundleOption, ThreadsOption, TrustOption, VerifyOption, enum_value,
+from edgeretina.cli._options import (Backend, BundleOption, CounterfactualEvidence, ThreadsOption, TrustOption,
+                                     VerifyOption, enum_value,
                                      trust_setting, verify_setting)
 
 
@@ -21,6 +22,10 @@ def explain(
                                  "(disease-to-healthy counterfactual): a PNG strip and a JSON of the steps.")] = False,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the pictures and the JSON.")] = Path("explained"),
     max_steps: Annotated[int, typer.Option("--max-steps", min=1, help="Counterfactual: removals at most.")] = 8,
+    evidence: Annotated[CounterfactualEvidence, typer.Option(
+        "--evidence", help="Counterfactual: the map that picks what to remove: lesion (the lesion head's cells above "
+                           "their thresholds), saliency, or auto (lesion when the bundle has a lesion head).")
+    ] = CounterfactualEvidence("auto"),
     frame: Annotated[Optional[int], typer.Option("--frame", min=1, help="The frame of a multi-frame DICOM (1-based).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the record, files and steps as JSON.")] = False,
     backend: Annotated[Optional[Backend], typer.Option("--backend", help="Inference backend (default: the installed one that best fits the bundle).")] = None,
@@ -37,7 +42,7 @@ def explain(
     from edgeretina.runtime.explain import explain as run_explain
     from edgeretina.runtime.grader import Grader
 
-    config = CounterfactualConfig(max_steps=max_steps) if counterfactual else None
+    config = CounterfactualConfig(max_steps=max_steps, evidence=enum_value(evidence)) if counterfactual else None
     with warnings_to_log(log):
         grader = Grader(bundle, backend=enum_value(backend), threads=threads, device=device, trust=trust_setting(trust),
                         verify=verify_setting(verify))
