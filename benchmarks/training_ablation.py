@@ -12,7 +12,8 @@ Studies (STUDIES: the first arm is the reference every other arm is compared wit
   grade (`paste-keep-grade`: no label changes).
 Per seed, one tiny-rn model with the lesion head is trained per arm on the same phantom set. The seed fixes
 the validation split, the initialisation, the batches and the augmentation: the arms differ only by the
-option. Each checkpoint is evaluated on the held-out set as `edgeretina evaluate` does (evaluation/run.py);
+option (lesion generation draws its pastes from the augmentation's random stream, so once it has pasted,
+the paste arms' later augmentations differ from `off`'s too: paired by seed, not by every random draw). Each checkpoint is evaluated on the held-out set as `edgeretina evaluate` does (evaluation/run.py);
 the CORAL head's QWK and referable AUC are kept, with what the option learned (the side weight per lesion type).
 Without --data/--heldout the phantom sets are rendered into --workdir (reused there on a rerun; dataset
 seeds 1 and 2, so a --data folder of seed 2 would share cases with the rendered held-out set). OUT holds
@@ -200,7 +201,7 @@ def checkpoint_facts(checkpoint: Path) -> dict:
     weights = None if side is None else dict(zip(LESION_CODES, (float(w) for w in side.weight.detach()[0])))
     return {"epochs": summary["schedule"]["epochs_run"], "best_epoch": summary.get("best_epoch"),
             "val_qwk": summary.get("val_metrics", {}).get("qwk"), "precision": summary["schedule"]["precision"],
-            "side_weights": weights, "lesion_generation": summary.get("lesion_generation")}
+            "side_weights": weights, "lesion_generation": summary["schedule"].get("lesion_generation")}
 
 
 def run_one(config: AblationConfig, train_dir: Path, heldout_dir: Path, seed: int, arm: str) -> dict:

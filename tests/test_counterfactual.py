@@ -267,6 +267,29 @@ def test_a_lesion_that_grows_back_into_its_cell_is_removed_again(lesion_spot_gra
     assert cf.union[np.logical_or.reduce(list(spots.values()))].all()
     removed_twice = [cell for cell in cf.steps[-1].cells if any(cell in s.cells for s in cf.steps[1:-1])]
     assert len(cf.steps) > 2 and removed_twice
+    # a pixel removed twice counts once, and keeps the step that first removed it
+    union_input = cf.removal_order() > 0
+    assert cf.to_dict()["removed_field_fraction"] == pytest.approx(union_input.sum() / cf.fov_mask.sum(), abs=1e-6)
+    first = cf.steps[1].removed
+    assert (cf.removal_order()[first] == 1).all()
+
+
+def test_a_cell_the_map_keeps_lit_is_removed_twice_at_most(lesion_spot_grader, spotted, monkeypatch):
+    model = lesion_spot_grader.runner
+    lit = model.run
+
+    def stuck(inputs):                       # the grade stays 3 and one cell says "lesion" whatever is there
+        out = lit(inputs)
+        grade_3 = np.asarray(lesion_spot_grader.grading.thresholds) + np.array([20.0, 20.0, 20.0, -20.0])
+        out["ordinal_logits"] = np.tile(grade_3, (len(inputs), 1)).astype(np.float32)
+        out["lesion_logits"][:] = -8.0
+        out["lesion_logits"][:, HE, 3, 3] = 8.0
+        return out
+
+    monkeypatch.setattr(model, "run", stuck)
+    cf = counterfactual(lesion_spot_grader, spotted[0], CounterfactualConfig(max_steps=8))
+    assert [s.cells for s in cf.steps[1:]] == [[(3, 3)], [(3, 3)]]
+    assert cf.stopped == STOP_NOTHING_SALIENT and cf.final.grade == 3
 
 
 def test_lesion_evidence_stops_when_no_type_reaches_its_threshold(lesion_spot_grader, spotted, monkeypatch):

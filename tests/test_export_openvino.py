@@ -1,6 +1,7 @@
 """The `openvino` export target (IR FP16, NNCF INT8) and the OpenVINO runtime backend, on the tiny fixture."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -43,13 +44,14 @@ def test_openvino_runner_grades_an_onnx_bundle_like_onnxruntime(onnx_bundle, pha
                                [r.probabilities for r in by_ort if r.gradable], atol=0.02)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OpenVINO pins threads by default on Linux only")
 def test_a_runner_given_a_thread_share_does_not_pin_its_threads(onnx_bundle):
     # pinned, side-by-side single-thread runners (grade-archive's workers) all ran on core 0
     shared = create_runner("openvino", onnx_bundle / "model.onnx", threads=1)
     assert shared.compiled.get_property("ENABLE_CPU_PINNING") is False
     assert shared.compiled.get_property("INFERENCE_NUM_THREADS") == 1
-    whole = create_runner("openvino", onnx_bundle / "model.onnx")
-    assert "ENABLE_CPU_PINNING" not in whole._compile_config(ov.Core())
+    whole = create_runner("openvino", onnx_bundle / "model.onnx")     # the whole machine: OpenVINO's default
+    assert whole.compiled.get_property("ENABLE_CPU_PINNING") is True
 
 
 def test_unknown_device_is_a_backend_error(onnx_bundle):

@@ -222,7 +222,7 @@ def checkpoint_run(tiny_checkpoint, phantom_test, test_methods, tmp_path_factory
 def bundle_run(onnx_bundle, phantom_test, test_methods, tmp_path_factory):
     out = tmp_path_factory.mktemp("saliency_bundle")
     files = _run(onnx_bundle, "--data", f"phantom:{phantom_test.parent}", "--out", out, "--limit", N_IMAGES,
-                 "--bootstrap", 200, "--methods", "saliency,lesion,gradcam,counterfactual,oracle,edge,union",
+                 "--bootstrap", 200, "--methods", "saliency,lesion,gradcam,counterfactual,counterfactual-saliency,oracle,edge,union",
                  "--examples", 2)
     return out, files, json.loads((out / "report.json").read_text())
 
@@ -257,10 +257,11 @@ def test_checkpoint_report_structure_and_skipped_methods(checkpoint_run, test_me
     assert report["tolerance"]["fraction_of_field_diameter"] == 0.015 and report["tolerance"]["mean_px"] > 1.0
     methods = report["methods"]
     assert list(methods) == ["saliency", "saliency-deep", "lesion", "gradcam", "gradcam++", "counterfactual",
-                             *test_methods]
+                             "counterfactual-saliency", *test_methods]
     assert not methods["saliency-deep"]["available"] and "deep map already" in methods["saliency-deep"]["reason"]
     assert not methods["lesion"]["available"] and "lesion head" in methods["lesion"]["reason"]
     assert not methods["counterfactual"]["available"] and "bundle" in methods["counterfactual"]["reason"]
+    assert not methods["counterfactual-saliency"]["available"]
     for name in ("saliency", "gradcam", "gradcam++", *test_methods):
         section = methods[name]
         assert section["available"] and section["n_images"] == N_IMAGES
@@ -282,6 +283,8 @@ def test_bundle_scores_its_own_maps_and_agrees_with_its_fp32_checkpoint(bundle_r
     assert report["meta"]["bundle"] and report["meta"]["backend"] == "onnxruntime"
     assert "autograd" in methods["gradcam"]["reason"] and not methods["lesion"]["available"]
     assert methods["counterfactual"]["available"] and methods["counterfactual"]["n_images"] == N_IMAGES
+    # no lesion head: the counterfactual's evidence is the saliency map, as when it is forced
+    assert methods["counterfactual"]["types"] == methods["counterfactual-saliency"]["types"]
     assert cv2.imread(str(files["examples.png"])) is not None
     reference = checkpoint_run[2]["methods"]["saliency"]["types"]
     for t in TYPES:      # an FP32 ONNX bundle: the same maps as the torch model

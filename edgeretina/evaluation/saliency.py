@@ -13,7 +13,9 @@ batch of prepared images. Built in:
 - "lesion": sigmoid(lesion_logits) per lesion type, each type scored with its own map; class-agnostic
   = the max over types (models with a lesion head only);
 - "gradcam", "gradcam++": training/gradcam.py's Grad-CAM of the referable score (checkpoints: autograd);
-- "counterfactual": runtime/counterfactual.py's removal map (bundles: it re-grades on the runtime).
+- "counterfactual": runtime/counterfactual.py's removal map (bundles: it re-grades on the runtime), with the
+  evidence `explain` uses (the lesion map where the bundle has a lesion head); "counterfactual-saliency": the
+  same driven by the saliency map, for comparison.
 Other modules add theirs with `register_method`; maps computed elsewhere in the photo's frame come in
 through `precomputed_method`.
 
@@ -188,10 +190,14 @@ def _gradcam_unavailable(context: ModelContext) -> str | None:
     return _missing_module("edgeretina.training.gradcam", "grad_cam")
 
 
-def _counterfactual(context: ModelContext, batch: MapBatch) -> Maps:
-    from edgeretina.runtime.counterfactual import counterfactual_from, removed_region_map
+def _counterfactual(evidence: str) -> Callable[[ModelContext, MapBatch], Maps]:
+    def produce(context: ModelContext, batch: MapBatch) -> Maps:
+        from edgeretina.runtime.counterfactual import CounterfactualConfig, counterfactual_from, removed_region_map
 
-    return Maps(original=[removed_region_map(counterfactual_from(context.grader, graded)) for graded in batch.graded])
+        config = CounterfactualConfig(evidence=evidence)
+        return Maps(original=[removed_region_map(counterfactual_from(context.grader, graded, config))
+                              for graded in batch.graded])
+    return produce
 
 
 def _counterfactual_unavailable(context: ModelContext) -> str | None:
@@ -222,8 +228,11 @@ for _method in (
            _gradcam_unavailable),
     Method("gradcam++", "Grad-CAM++ of the referable ordinal logit (torch autograd)", _gradcam("gradcam++"),
            _gradcam_unavailable),
-    Method("counterfactual", "regions inpainted until grade 0, earlier removals stronger (runtime)", _counterfactual,
+    Method("counterfactual", "regions inpainted until grade 0, earlier removals stronger (runtime; what `explain` "
+           "removes: the lesion map's cells with a lesion head, else the saliency's)", _counterfactual("auto"),
            _counterfactual_unavailable),
+    Method("counterfactual-saliency", "the counterfactual driven by the graph's saliency map whatever the bundle has "
+           "(runtime)", _counterfactual("saliency"), _counterfactual_unavailable),
 ):
     register_method(_method)
 

@@ -9,9 +9,11 @@ The evidence map (CounterfactualConfig.evidence): with a lesion head, the lesion
 largest margin of a lesion type's logit over its threshold's (the manifest's per-type lesion thresholds,
 the ones that decide which lesions a record lists), on the head's own grid (32 x 32 at 256 px for the
 fine head); only cells some type calls a lesion are candidates, so "nothing salient" means no lesion the
-runtime would list is left. A cell removed before is a candidate again while the map still calls it a
-lesion: inpainting fills a cell from its border, and a lesion that runs past the cell's edge grows back
-into it (seen on the tests' painted spots: the loop stopped at grade 1 with the spot's middle back). Without one, the graph's class-agnostic saliency, where a cell must stand above
+runtime would list is left. A cell removed before may go once more while the map still calls it a lesion,
+after every cell not removed yet: inpainting fills a cell from its border, and a lesion that runs past
+the cell's edge grows back into it (seen on the tests' painted spots: the loop stopped at grade 1 with the
+spot's middle back). Once only: a cell the map keeps lit whatever is painted there (the fine head adds its
+patch's logit to every cell of the patch) must not spend the remaining steps on itself. Without one, the graph's class-agnostic saliency, where a cell must stand above
 the map's median over the field. Measured on 292 held-out phantoms (rn256f2, FP32 bundle, x86-amx): the
 gated saliency saturates over lesion-rich fields and its counterfactual pointed at a lesion in 0.125 of them. What the model needed removed to call the eye
 healthy is a lesion localisation made by the grader itself: the union of the removed regions, mapped back
@@ -44,6 +46,7 @@ from edgeretina.runtime.postprocess import grade_results
 INPAINT_METHODS = {"telea": cv2.INPAINT_TELEA, "ns": cv2.INPAINT_NS}
 STOP_HEALTHY, STOP_MAX_STEPS, STOP_NOTHING_SALIENT = "healthy", "max_steps", "nothing_salient"
 FIELD_CELL_FRACTION = 0.5   # a grid cell belongs to the field when at least half of its pixels do
+MAX_REMOVALS_PER_CELL = 2   # lesion evidence: a cell that grows back may be removed once more (module doc)
 EVIDENCE_AUTO, EVIDENCE_LESION, EVIDENCE_SALIENCY = "auto", "lesion", "saliency"
 EVIDENCE_CHOICES = COUNTERFACTUAL_EVIDENCE
 
@@ -142,12 +145,12 @@ class Counterfactual:
         """int [S, S] in the model-input frame: k where step k removed the pixel, 0 where nothing did."""
         order = np.zeros(self.fov_mask.shape, np.int32)
         for step in self.steps[1:]:
-            order[step.removed] = step.index
+            order[step.removed & (order == 0)] = step.index     # a pixel removed again keeps its first step
         return order
 
     def to_dict(self) -> dict:
         field_pixels = max(int(self.fov_mask.sum()), 1)
-        removed = sum(int(step.removed.sum()) for step in self.steps)
+        removed = int((self.removal_order() > 0).sum())            # each pixel once, removed again or not
         return {"file": self.file, "stopped": self.stopped, "grades": self.grades, "evidence": self.evidence,
                 "initial_grade": self.steps[0].grade, "final_grade": self.final.grade,
                 "removed_field_fraction": round(removed / field_pixels, 6),
@@ -192,7 +195,7 @@ def counterfactual_from(grader: Grader, graded: GradedImage, config: Counterfact
     steps = [CounterfactualStep(0, image, record.grade, list(record.probabilities), record.referable_probability,
                                 record.referable, first, np.zeros(field_px.shape, bool))]
     field_cells = _field_cells(field_px, first.shape)
-    removed_cells = np.zeros(field_cells.shape, bool)
+    removals = np.zeros(field_cells.shape, np.int32)            # how often each cell was removed
     stopped = STOP_MAX_STEPS
     while True:
         current = steps[-1]
@@ -201,12 +204,11 @@ def counterfactual_from(grader: Grader, graded: GradedImage, config: Counterfact
             break
         if len(steps) > config.max_steps:
             break
-        cells = select_cells(current.saliency, field_cells, removed_cells if not evidence.retry_removed else
-                             np.zeros_like(removed_cells), config.region_fraction, evidence.level)
+        cells = _next_cells(current.saliency, field_cells, removals, config.region_fraction, evidence)
         if not cells.any():
             stopped = STOP_NOTHING_SALIENT
             break
-        removed_cells |= cells
+        removals += cells
         steps.append(_step(grader, current, cells, field_px, config, evidence))
     union_input = np.zeros(field_px.shape, bool)
     for step in steps:
@@ -229,10 +231,10 @@ class Evidence:
         return 0.0 if self.kind == EVIDENCE_LESION else None
 
     @property
-    def retry_removed(self) -> bool:
-        """Whether a removed cell may be removed again (an absolute level: only while it still shows a
-        lesion; against the median a removed cell would always qualify again)."""
-        return self.kind == EVIDENCE_LESION
+    def max_removals(self) -> int:
+        """How often one cell may be removed: MAX_REMOVALS_PER_CELL under an absolute level (only while it
+        still shows a lesion); once against the median, where a removed cell would always qualify again."""
+        return MAX_REMOVALS_PER_CELL if self.kind == EVIDENCE_LESION else 1
 
     @classmethod
     def for_grader(cls, grader: Grader, choice: str) -> Evidence:
@@ -260,10 +262,12 @@ class Evidence:
 def lesion_evidence(lesion_logits: np.ndarray, thresholds: tuple[float, ...] | list[float]) -> np.ndarray:
     """float32 [h, w]: per cell the largest margin of a type's logit [L, h, w] over logit(its threshold);
     > 0 exactly where some type's probability reaches its threshold (a cell the runtime calls a lesion)."""
+    from edgeretina.runtime.lesions import per_type_thresholds
+
     logits = np.asarray(lesion_logits, np.float32)
-    t = np.asarray(thresholds, np.float64)
-    if logits.ndim != 3 or len(t) != len(logits):
-        raise ConfigError(f"lesion evidence needs [L, h, w] logits and L thresholds, got {logits.shape} and {len(t)}")
+    if logits.ndim != 3:
+        raise ConfigError(f"lesion evidence needs [L, h, w] logits, got shape {logits.shape}")
+    t = np.asarray(per_type_thresholds(list(thresholds), len(logits)), np.float64)   # each in (0, 1)
     cut = np.log(t / (1.0 - t)).astype(np.float32)[:, None, None]
     return (logits - cut).max(axis=0)
 
@@ -286,6 +290,25 @@ def field_mask(geometry: Geometry, size: int) -> np.ndarray:
     if not geometry.fov.found:
         return np.ones((size, size), bool)
     return input_field_mask(geometry, size)
+
+
+def _next_cells(evidence_map: np.ndarray, field_cells: np.ndarray, removals: np.ndarray, region_fraction: float,
+                evidence: Evidence) -> np.ndarray:
+    """The cells of the next step: those never removed first, then, in what is left of the step's share,
+    cells removed before that may go again (evidence.max_removals) and still stand above the level."""
+    fresh = select_cells(evidence_map, field_cells, removals > 0, region_fraction, evidence.level)
+    if evidence.max_removals <= 1:
+        return fresh
+    count = max(1, math.ceil(region_fraction * int(field_cells.sum())))
+    left = count - int(fresh.sum())
+    if left <= 0:
+        return fresh
+    again = select_cells(evidence_map, field_cells & (removals > 0), fresh | (removals >= evidence.max_removals),
+                         1.0, evidence.level)
+    ranked = np.flatnonzero(again)
+    ranked = ranked[np.argsort(-evidence_map.ravel()[ranked], kind="stable")][:left]
+    fresh.ravel()[ranked] = True
+    return fresh
 
 
 def select_cells(saliency: np.ndarray, field_cells: np.ndarray, removed_cells: np.ndarray,

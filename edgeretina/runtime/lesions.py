@@ -60,7 +60,7 @@ def find_lesions(lesion_logits: np.ndarray, geometry: Geometry,
     logits = np.asarray(lesion_logits, dtype=np.float32)
     if logits.ndim != 3:
         raise ConfigError(f"lesion logits must be [L, h, w], got shape {logits.shape}")
-    thresholds = _per_type(threshold, len(logits))
+    thresholds = per_type_thresholds(threshold, len(logits))
     entries = lesion_presence(logits)
     for entry, grid, t in zip(entries, _sigmoid(logits), thresholds):
         regions = _regions(grid, t, geometry)
@@ -71,7 +71,7 @@ def find_lesions(lesion_logits: np.ndarray, geometry: Geometry,
     return entries
 
 
-def _per_type(threshold: float | Sequence[float], types: int) -> list[float]:
+def per_type_thresholds(threshold: float | Sequence[float], types: int) -> list[float]:
     """One threshold per lesion type, each checked to lie in (0, 1)."""
     thresholds = [float(threshold)] * types if np.ndim(threshold) == 0 else [float(t) for t in threshold]
     if len(thresholds) != types:

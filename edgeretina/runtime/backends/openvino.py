@@ -130,6 +130,7 @@ def time_precision_hints(core, model_path: Path, hints: tuple[str, ...] | list[s
         shape = [1 if dim.is_dynamic else dim.get_length() for dim in model.input(0).get_partial_shape()]
         image = np.zeros(shape, dtype=np.float32)
     requests = {hint: core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": "1",
+                                                        "ENABLE_CPU_PINNING": "NO",   # as the runners: see there
                                                         "INFERENCE_PRECISION_HINT": hint}).create_infer_request()
                 for hint in hints}
     medians = interleaved_median_ms({hint: (lambda r=request: r.infer({INPUT_NAME: image}))
