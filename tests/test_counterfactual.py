@@ -274,6 +274,22 @@ def test_a_lesion_that_grows_back_into_its_cell_is_removed_again(lesion_spot_gra
     assert (cf.removal_order()[first] == 1).all()
 
 
+def test_grow_widens_each_removal_by_a_disc_of_cells_inside_the_field(lesion_spot_grader, phantom_test, tmp_path):
+    fine_cells = [(2, 5), (5, 2), (2, 2)]
+    path, masks, _ = paint_spots(lesion_spot_grader, read_labels(phantom_test)[0].path, tmp_path / "fine.png",
+                                 [(((i + 0.5) * 8, (j + 0.5) * 8), 4) for i, j in fine_cells])
+    tight = counterfactual(lesion_spot_grader, path, CounterfactualConfig(region_fraction=0.2))
+    wide = counterfactual(lesion_spot_grader, path, CounterfactualConfig(region_fraction=0.2, grow_cells=1))
+    assert wide.steps[1].cells == tight.steps[1].cells               # the same cells are chosen ...
+    first_tight, first_wide = tight.steps[1].removed, wide.steps[1].removed
+    assert (first_wide >= first_tight).all() and first_wide.sum() > 3 * first_tight.sum()   # ... and widened
+    assert not (first_wide & ~wide.fov_mask).any()
+    # by one cell (8 px here): a pixel 8 px beside a removed cell goes, one 10 px beside it stays
+    rows, cols = np.nonzero(first_tight)
+    r, c = int(rows.min()), int(cols.min())
+    assert first_wide[r - 8, c + 3] and not first_wide[r - 10, c + 3]
+
+
 def test_a_cell_the_map_keeps_lit_is_removed_twice_at_most(lesion_spot_grader, spotted, monkeypatch):
     model = lesion_spot_grader.runner
     lit = model.run
@@ -371,7 +387,9 @@ def test_field_mask_is_every_pixel_without_a_field(grader):
 
 @pytest.mark.parametrize("bad", [dict(max_steps=0), dict(max_steps=True), dict(max_steps=2.5),
                                  dict(region_fraction=0), dict(region_fraction=1.5), dict(region_fraction=float("nan")),
-                                 dict(inpaint_radius=0), dict(inpaint_radius="3"), dict(method="blur")])
+                                 dict(inpaint_radius=0), dict(inpaint_radius="3"), dict(method="blur"),
+                                 dict(grow_cells=-1), dict(grow_cells=float("nan")), dict(grow_cells=True),
+                                 dict(evidence="gradcam")])
 def test_config_is_validated(bad):
     with pytest.raises(ConfigError):
         CounterfactualConfig(**bad)

@@ -26,6 +26,9 @@ def explain(
         "--evidence", help="Counterfactual: the map that picks what to remove: lesion (the lesion head's cells above "
                            "their thresholds), saliency, or auto (lesion when the bundle has a lesion head).")
     ] = CounterfactualEvidence("auto"),
+    grow: Annotated[float, typer.Option("--grow", min=0.0, max=4.0, help="Counterfactual: widen each removed region by "
+                                        "this many grid cells (the lesion's rim can hold the grade; the localisation "
+                                        "gets coarser).")] = 0.0,
     frame: Annotated[Optional[int], typer.Option("--frame", min=1, help="The frame of a multi-frame DICOM (1-based).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the record, files and steps as JSON.")] = False,
     backend: Annotated[Optional[Backend], typer.Option("--backend", help="Inference backend (default: the installed one that best fits the bundle).")] = None,
@@ -42,7 +45,7 @@ def explain(
     from edgeretina.runtime.explain import explain as run_explain
     from edgeretina.runtime.grader import Grader
 
-    config = CounterfactualConfig(max_steps=max_steps, evidence=enum_value(evidence)) if counterfactual else None
+    config = CounterfactualConfig(max_steps=max_steps, evidence=enum_value(evidence), grow_cells=grow) if counterfactual else None
     with warnings_to_log(log):
         grader = Grader(bundle, backend=enum_value(backend), threads=threads, device=device, trust=trust_setting(trust),
                         verify=verify_setting(verify))

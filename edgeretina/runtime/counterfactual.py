@@ -63,6 +63,11 @@ class CounterfactualConfig:
     method: "telea" (fast marching, Telea 2004) or "ns" (Navier-Stokes, Bertalmio 2001).
     evidence: the map that picks the cells to remove (module doc): "lesion" (needs a graph with
         lesion_logits), "saliency", or "auto" (lesion when the bundle's graph has lesion_logits).
+    grow_cells: widen each step's removed region by this many cells (a disc, inside the field): a lesion
+        reaches past the cells the map lights, and the rim left behind can hold the grade. A trade:
+        measured on 292 held-out phantoms (rn384 FP32 bundle, lesion evidence, x86-amx) the removals'
+        pointing falls 0.86 -> 0.65 -> 0.46 at 0, 0.5 and 1 cell, while a grade-4 photo that stayed at 4
+        with 0 went 4 -> 3 -> 1 with 0.5 and 4 -> 2 -> 0 with 1. 0 (default): the cells alone.
     """
 
     max_steps: int = 8
@@ -70,11 +75,16 @@ class CounterfactualConfig:
     inpaint_radius: float = 3.0
     method: str = "telea"
     evidence: str = "auto"
+    grow_cells: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, (int, np.integer)) or self.max_steps < 1:
             raise ConfigError(f"max_steps must be a positive integer, got {self.max_steps!r}")
         object.__setattr__(self, "max_steps", int(self.max_steps))
+        grow = self.grow_cells
+        if isinstance(grow, bool) or not isinstance(grow, (int, float, np.number)) or not 0.0 <= float(grow) <= 4.0:
+            raise ConfigError(f"grow_cells must be a number in [0, 4], got {grow!r}")
+        object.__setattr__(self, "grow_cells", float(grow))
         for name, low, high in (("region_fraction", 0.0, 1.0), ("inpaint_radius", 0.0, 64.0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
@@ -337,6 +347,15 @@ def cells_to_pixels(cells: np.ndarray, size: int) -> np.ndarray:
     return cells[rows][:, cols]
 
 
+def grown(region: np.ndarray, radius_px: float) -> np.ndarray:
+    """bool region widened by a disc of radius_px pixels (rounded); the region itself for radius < 0.5."""
+    radius = int(round(radius_px))
+    if radius <= 0:
+        return region
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    return cv2.dilate(region.astype(np.uint8), disc) > 0
+
+
 def _field_cells(field_px: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     h, w = grid
     inside = cv2.resize(field_px.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA)
@@ -346,7 +365,8 @@ def _field_cells(field_px: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
 def _step(grader: Grader, current: CounterfactualStep, cells: np.ndarray, field_px: np.ndarray,
           config: CounterfactualConfig, evidence: Evidence) -> CounterfactualStep:
     started = time.perf_counter()
-    removed = cells_to_pixels(cells, field_px.shape[0]) & field_px
+    removed = grown(cells_to_pixels(cells, field_px.shape[0]), config.grow_cells * field_px.shape[0] / cells.shape[0])
+    removed &= field_px
     edited = inpaint(current.image, removed, field_px, config)
     inpainted = time.perf_counter()
     outputs = grader.infer_prepared(edited)
