@@ -308,6 +308,16 @@ def test_a_cell_the_map_keeps_lit_is_removed_twice_at_most(lesion_spot_grader, s
     assert cf.stopped == STOP_NOTHING_SALIENT and cf.final.grade == 3
 
 
+def test_the_first_step_uses_the_lesion_logits_the_record_came_from(lesion_spot_grader, spotted):
+    from edgeretina.runtime.counterfactual import counterfactual_from, grade_one
+
+    graded = grade_one(lesion_spot_grader, spotted[0])
+    assert graded.lesion_logits is not None and graded.record.lesions      # grading keeps the head's grid
+    graded.lesion_logits = np.full_like(graded.lesion_logits, -8.0)        # what the record saw: no lesion
+    cf = counterfactual_from(lesion_spot_grader, graded, CounterfactualConfig(evidence="lesion"))
+    assert cf.stopped == STOP_NOTHING_SALIENT and len(cf.steps) == 1      # no second forward pass decided
+
+
 def test_lesion_evidence_stops_when_no_type_reaches_its_threshold(lesion_spot_grader, spotted, monkeypatch):
     # the grade still says 3, but no cell is a lesion the record would list: nothing salient to remove
     monkeypatch.setattr(lesion_spot_grader, "grading", dataclasses.replace(lesion_spot_grader.grading,

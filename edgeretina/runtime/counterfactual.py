@@ -201,7 +201,7 @@ def counterfactual_from(grader: Grader, graded: GradedImage, config: Counterfact
     field_px = field_mask(graded.geometry, image.shape[0])
     record = graded.record
     evidence = Evidence.for_grader(grader, config.evidence)
-    first = graded.saliency if evidence.kind == EVIDENCE_SALIENCY else evidence.grid(grader.infer_prepared(image))
+    first = evidence.first_grid(graded, lambda: grader.infer_prepared(image))
     steps = [CounterfactualStep(0, image, record.grade, list(record.probabilities), record.referable_probability,
                                 record.referable, first, np.zeros(field_px.shape, bool))]
     field_cells = _field_cells(field_px, first.shape)
@@ -261,6 +261,15 @@ class Evidence:
             return cls(EVIDENCE_SALIENCY)
         thresholds = grader.grading.lesion_thresholds or [DEFAULT_THRESHOLD] * len(LESION_CODES)
         return cls(EVIDENCE_LESION, tuple(float(t) for t in thresholds))
+
+    def first_grid(self, graded: GradedImage, infer) -> np.ndarray:
+        """The evidence of the photo as graded: from what grading kept (the same pass its record came from),
+        else from `infer()` (the graph's outputs on the prepared photo)."""
+        if self.kind == EVIDENCE_SALIENCY:
+            return np.asarray(graded.saliency, np.float32)
+        if graded.lesion_logits is not None:
+            return lesion_evidence(graded.lesion_logits, self.thresholds)
+        return self.grid(infer())
 
     def grid(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
         """float32 [h, w] evidence of the first image of a forward pass's outputs."""

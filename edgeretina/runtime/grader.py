@@ -63,6 +63,7 @@ class GradedImage:
     image: np.ndarray | None = None          # decoded RGB photo
     geometry: Geometry | None = None
     saliency: np.ndarray | None = None       # [h, w] grid over the model input
+    lesion_logits: np.ndarray | None = None  # [L, h', w'] the lesion head's grid (graphs with one), as `lesions` saw it
 
 
 @dataclass
@@ -217,6 +218,8 @@ class Grader:
                                      postprocess=_ms((graded - inferred) * per_image),
                                      knn=_ms((finished - graded) * per_image))
             item.graded.saliency = outputs["saliency"][i]
+            if "lesion_logits" in outputs:
+                item.graded.lesion_logits = outputs["lesion_logits"][i]
 
 
 def _return_freed_heap() -> None:
