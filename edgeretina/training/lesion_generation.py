@@ -50,7 +50,9 @@ Raising grades costs grade-0 recall (0.59 -> 0.22 at 0.5, plain) and referable s
 sampler balances the grades as they were before pasting. Keeping the grade neither helped nor hurt within the
 spread. The phantom draws its lesions from the generator the donors come from, so it has none of the
 scarcity of rare lesions that ELLG targets on real data; that question stays open, which is why
-generation is off by default.
+generation is off by default. A second run with `benchmarks/training_ablation.py --study lesion-generation` (4
+seeds, 2026-12-03, x86-amx; benchmarks/results/2026-12-03-intel-xeon-amx/explanations/): paste − off −0.011 ±
+0.090 QWK, paste keeping the grade − off +0.022 ± 0.079: no effect outside the spread either way.
 
 Donor masks come from the caller: the phantom's (or any dataset's) per-lesion masks brought into the
 prepared frame with ``prepared_lesion_masks``, or the model's per-lesion maps above a threshold.
