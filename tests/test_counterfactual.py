@@ -23,7 +23,8 @@ from edgeretina.runtime import Grader
 from edgeretina.grades import LESION_CODES
 from edgeretina.runtime.counterfactual import (STOP_HEALTHY, STOP_MAX_STEPS, STOP_NOTHING_SALIENT, CounterfactualConfig,
                                                cells_to_pixels, counterfactual, field_mask,
-                                               inpaint, lesion_evidence, removed_region_map, select_cells)
+                                               inpaint, removed_region_map, select_cells)
+from edgeretina.runtime.lesions import lesion_margins
 from edgeretina.runtime.counterfactual_strip import OUTLINE, TILE, strip_size, write_strip_png
 from edgeretina.runtime.postprocess import grade_results
 
@@ -318,6 +319,26 @@ def test_the_first_step_uses_the_lesion_logits_the_record_came_from(lesion_spot_
     assert cf.stopped == STOP_NOTHING_SALIENT and len(cf.steps) == 1      # no second forward pass decided
 
 
+def test_the_overlay_draws_the_lesion_map_where_the_graph_has_one(lesion_spot_grader, spotted, tmp_path):
+    # (with the counterfactual's fixtures: the overlay and the counterfactual read the same lesion margins)
+    from edgeretina.runtime.counterfactual import grade_one
+    from edgeretina.runtime.lesions import lesion_overlay_map
+    from edgeretina.runtime.overlay import render_overlay
+    from edgeretina.runtime.visuals import write_visuals
+
+    graded = grade_one(lesion_spot_grader, spotted[0])
+    np.testing.assert_allclose(graded.overlay_map, lesion_overlay_map(graded.lesion_logits, 0.5), atol=1e-6)
+    assert graded.overlay_map.shape != graded.saliency.shape          # the lesion grid, not the saliency's
+    assert graded.overlay_map.max() > 0.99 and np.median(graded.overlay_map) < 0.01
+    write_visuals(graded, "spots", tmp_path, None)
+    overlay = cv2.imread(graded.record.overlay)[..., ::-1]
+    np.testing.assert_array_equal(overlay, render_overlay(graded.image, graded.overlay_map, graded.geometry))
+    assert not np.array_equal(overlay, render_overlay(graded.image, graded.saliency, graded.geometry))
+    changed = np.abs(overlay.astype(int) - graded.image.astype(int)).sum(axis=-1) > 30
+    spot_pixels = np.logical_or.reduce(list(spotted[1].values()))
+    assert changed[spot_pixels].mean() > 0.9                          # every spot coloured
+
+
 def test_lesion_evidence_stops_when_no_type_reaches_its_threshold(lesion_spot_grader, spotted, monkeypatch):
     # the grade still says 3, but no cell is a lesion the record would list: nothing salient to remove
     monkeypatch.setattr(lesion_spot_grader, "grading", dataclasses.replace(lesion_spot_grader.grading,
@@ -335,12 +356,12 @@ def test_lesion_evidence_needs_a_graph_with_lesion_logits(grader, diseased):
         CounterfactualConfig(evidence="gradcam")
 
 
-def test_lesion_evidence_is_the_largest_margin_over_each_types_threshold():
+def test_lesion_margins_are_the_largest_margin_over_each_types_threshold():
     logits = np.array([[[0.0, 2.0]], [[1.0, -3.0]]], np.float32)       # 2 types on a 1 x 2 grid
-    margins = lesion_evidence(logits, [0.5, 1 / (1 + np.exp(-2.0))])   # logit cuts 0 and 2
+    margins = lesion_margins(logits, [0.5, 1 / (1 + np.exp(-2.0))])   # logit cuts 0 and 2
     np.testing.assert_allclose(margins, [[0.0, 2.0]], atol=1e-6)       # cell 0: max(0 - 0, 1 - 2); cell 1: 2 - 0
     with pytest.raises(ConfigError):
-        lesion_evidence(logits, [0.5])
+        lesion_margins(logits, [0.5])
 
 
 # --- the pieces -------------------------------------------------------------------------------------

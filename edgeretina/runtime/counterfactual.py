@@ -41,6 +41,7 @@ from edgeretina.grades import grade_name
 from edgeretina.preprocess import Geometry, ImageRef, input_field_mask, map_to_original, prepare
 from edgeretina.quality import REASON_TEXT
 from edgeretina.runtime.grader import GradedImage, Grader
+from edgeretina.runtime.lesions import lesion_margins
 from edgeretina.runtime.postprocess import grade_results
 
 INPAINT_METHODS = {"telea": cv2.INPAINT_TELEA, "ns": cv2.INPAINT_NS}
@@ -268,27 +269,14 @@ class Evidence:
         if self.kind == EVIDENCE_SALIENCY:
             return np.asarray(graded.saliency, np.float32)
         if graded.lesion_logits is not None:
-            return lesion_evidence(graded.lesion_logits, self.thresholds)
+            return lesion_margins(graded.lesion_logits, self.thresholds)
         return self.grid(infer())
 
     def grid(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
         """float32 [h, w] evidence of the first image of a forward pass's outputs."""
         if self.kind == EVIDENCE_SALIENCY:
             return np.asarray(outputs["saliency"][0], np.float32)
-        return lesion_evidence(outputs["lesion_logits"][0], self.thresholds)
-
-
-def lesion_evidence(lesion_logits: np.ndarray, thresholds: tuple[float, ...] | list[float]) -> np.ndarray:
-    """float32 [h, w]: per cell the largest margin of a type's logit [L, h, w] over logit(its threshold);
-    > 0 exactly where some type's probability reaches its threshold (a cell the runtime calls a lesion)."""
-    from edgeretina.runtime.lesions import per_type_thresholds
-
-    logits = np.asarray(lesion_logits, np.float32)
-    if logits.ndim != 3:
-        raise ConfigError(f"lesion evidence needs [L, h, w] logits, got shape {logits.shape}")
-    t = np.asarray(per_type_thresholds(list(thresholds), len(logits)), np.float64)   # each in (0, 1)
-    cut = np.log(t / (1.0 - t)).astype(np.float32)[:, None, None]
-    return (logits - cut).max(axis=0)
+        return lesion_margins(outputs["lesion_logits"][0], self.thresholds)
 
 
 def removed_region_map(cf: Counterfactual) -> np.ndarray:

@@ -123,3 +123,20 @@ class _GridToPhoto:
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     # clipped: a logit of -1e4 (masked out) would overflow exp and warn; sigmoid(+-60) is 0 or 1 anyway
     return 1.0 / (1.0 + np.exp(-np.clip(np.asarray(x, dtype=np.float64), -60.0, 60.0)))
+
+
+def lesion_margins(lesion_logits: np.ndarray, thresholds: float | Sequence[float]) -> np.ndarray:
+    """float32 [h, w]: per cell the largest margin of a type's logit [L, h, w] over logit(its threshold);
+    > 0 exactly where some type's probability reaches its threshold (a cell the runtime calls a lesion)."""
+    logits = np.asarray(lesion_logits, np.float32)
+    if logits.ndim != 3:
+        raise ConfigError(f"lesion margins need [L, h, w] logits, got shape {logits.shape}")
+    t = np.asarray(per_type_thresholds(thresholds, len(logits)), np.float64)   # one per type, each in (0, 1)
+    cut = np.log(t / (1.0 - t)).astype(np.float32)[:, None, None]
+    return (logits - cut).max(axis=0)
+
+
+def lesion_overlay_map(lesion_logits: np.ndarray, thresholds: float | Sequence[float]) -> np.ndarray:
+    """float32 [h, w] in 0..1 for the overlay: sigmoid of `lesion_margins`, 0.5 where the strongest type sits at
+    its threshold, near 0 on healthy cells (the overlay stays uncoloured there), near 1 on clear lesions."""
+    return _sigmoid(lesion_margins(lesion_logits, thresholds)).astype(np.float32)

@@ -1,5 +1,6 @@
 """The one writer of a graded image's pictures, for `grade` and `watch` alike: the saliency overlay
-(`<stem>_saliency.png`) and the report card (`<stem>_card.png`).
+(`<stem>_saliency.png`: the lesion map where the graph has a lesion head, else the graph's saliency;
+`GradedImage.overlay_map`) and the report card (`<stem>_card.png`).
 
 A picture that cannot be written never costs the grade: the record keeps it and says in `error` which
 picture is missing and why.
@@ -30,9 +31,9 @@ def path_stem(relative_path: str) -> str:
 
 def write_visuals(graded: GradedImage, stem: str, overlays: Path | None, cards: Path | None) -> None:
     """Write what applies: an overlay where the model gave saliency, a card where the image decoded."""
-    if overlays is not None and graded.saliency is not None:
+    if overlays is not None and graded.overlay_map is not None:
         target = Path(overlays) / f"{stem}{OVERLAY_SUFFIX}"
-        if _written(graded, "overlay", lambda: write_png(target, render_overlay(graded.image, graded.saliency,
+        if _written(graded, "overlay", lambda: write_png(target, render_overlay(graded.image, graded.overlay_map,
                                                                                  graded.geometry)), target):
             graded.record.overlay = str(target)
     if cards is not None and graded.image is not None:
