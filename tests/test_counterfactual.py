@@ -289,6 +289,8 @@ def test_grow_widens_each_removal_by_a_disc_of_cells_inside_the_field(lesion_spo
     rows, cols = np.nonzero(first_tight)
     r, c = int(rows.min()), int(cols.min())
     assert first_wide[r - 8, c + 3] and not first_wide[r - 10, c + 3]
+    # a disc, not a square: 7 px up and 7 px left of the cell's corner (9.9 px away) stays
+    assert first_wide[r - 5, c - 5] and not first_wide[r - 7, c - 7]
 
 
 def test_a_cell_the_map_keeps_lit_is_removed_twice_at_most(lesion_spot_grader, spotted, monkeypatch):
@@ -309,14 +311,19 @@ def test_a_cell_the_map_keeps_lit_is_removed_twice_at_most(lesion_spot_grader, s
     assert cf.stopped == STOP_NOTHING_SALIENT and cf.final.grade == 3
 
 
-def test_the_first_step_uses_the_lesion_logits_the_record_came_from(lesion_spot_grader, spotted):
+def test_the_first_step_uses_the_lesion_logits_the_record_came_from(lesion_spot_grader, spotted, monkeypatch):
     from edgeretina.runtime.counterfactual import counterfactual_from, grade_one
 
     graded = grade_one(lesion_spot_grader, spotted[0])
-    assert graded.lesion_logits is not None and graded.record.lesions      # grading keeps the head's grid
+    assert graded.lesion_logits is not None                                # grading keeps the head's grid
+    assert any(entry["present"] for entry in graded.record.lesions)
     graded.lesion_logits = np.full_like(graded.lesion_logits, -8.0)        # what the record saw: no lesion
+    runner, calls = lesion_spot_grader.runner, []
+    run = runner.run
+    monkeypatch.setattr(runner, "run", lambda inputs: calls.append(len(inputs)) or run(inputs))
     cf = counterfactual_from(lesion_spot_grader, graded, CounterfactualConfig(evidence="lesion"))
-    assert cf.stopped == STOP_NOTHING_SALIENT and len(cf.steps) == 1      # no second forward pass decided
+    assert cf.stopped == STOP_NOTHING_SALIENT and len(cf.steps) == 1
+    assert calls == []                                                     # no second forward pass decided
 
 
 def test_the_overlay_draws_the_lesion_map_where_the_graph_has_one(lesion_spot_grader, spotted, tmp_path):

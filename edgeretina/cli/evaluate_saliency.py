@@ -27,12 +27,16 @@ def evaluate_saliency(
     bootstrap: Annotated[int, typer.Option("--bootstrap", min=100, help="Bootstrap resamples for the confidence intervals.")] = 1000,
     examples: Annotated[int, typer.Option("--examples", min=0, help="Images with lesions shown in examples.png.")] = 4,
     seed: SeedOption = 0,
+    counterfactual_grow: Annotated[float, typer.Option(
+        "--counterfactual-grow", min=0.0, max=4.0, help="The counterfactual methods widen each removal by this many "
+                                                      "grid cells (as explain --grow).")] = 0.0,
 ) -> None:
     """Do the explanation maps point at the lesions? Pointing game, AUC-PR and mass inside the masks per lesion type."""
     from edgeretina.evaluation.saliency import SaliencyEvalConfig, evaluate_saliency as run
 
     names = None if methods is None else tuple(n.strip() for n in methods.split(",") if n.strip())
     config = SaliencyEvalConfig(target=target, data=tuple(data), out=out, methods=names, backend=enum_value(backend),
-                                limit=limit, tolerance=tolerance, n_bootstrap=bootstrap, seed=seed, examples=examples)
+                                limit=limit, tolerance=tolerance, n_bootstrap=bootstrap, seed=seed, examples=examples,
+                                counterfactual_grow=counterfactual_grow)
     _, files = run(config, log=lambda line: typer.echo(line, err=True))
     typer.echo(json.dumps({name: str(path) for name, path in files.items()}))

@@ -62,6 +62,7 @@ class ModelContext:
     model: Any = None                       # GraderModel (checkpoint)
     grader: Any = None                      # runtime Grader (bundle)
     meta: dict = field(default_factory=dict)
+    counterfactual_grow: float = 0.0         # SaliencyEvalConfig.counterfactual_grow, for the counterfactual methods
 
 
 @dataclass
@@ -194,7 +195,7 @@ def _counterfactual(evidence: str) -> Callable[[ModelContext, MapBatch], Maps]:
     def produce(context: ModelContext, batch: MapBatch) -> Maps:
         from edgeretina.runtime.counterfactual import CounterfactualConfig, counterfactual_from, removed_region_map
 
-        config = CounterfactualConfig(evidence=evidence)
+        config = CounterfactualConfig(evidence=evidence, grow_cells=context.counterfactual_grow)
         return Maps(original=[removed_region_map(counterfactual_from(context.grader, graded, config))
                               for graded in batch.graded])
     return produce
@@ -245,7 +246,8 @@ class SaliencyEvalConfig:
     whose labels.csv has masks/<CODE>/ beside it; methods: names from METHODS (None: all of them);
     limit: score the first N images only; tolerance: pointing-game tolerance as a fraction of the field
     diameter; ring_fraction: the outer share of the field's radius counted as its edge; examples: rows of
-    the examples figure. Raises ConfigError on values out of range."""
+    the examples figure; counterfactual_grow: the counterfactual methods' CounterfactualConfig.grow_cells.
+    Raises ConfigError on values out of range."""
 
     target: Path
     data: tuple[str, ...]
@@ -259,6 +261,7 @@ class SaliencyEvalConfig:
     seed: int = 0
     examples: int = 4
     batch_size: int = 8
+    counterfactual_grow: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target", Path(self.target))
@@ -268,6 +271,8 @@ class SaliencyEvalConfig:
             object.__setattr__(self, "methods", tuple(self.methods))
         if not 0.0 <= float(self.tolerance) <= 0.5:
             raise ConfigError(f"tolerance is a fraction of the field diameter in 0..0.5, got {self.tolerance!r}")
+        if not 0.0 <= float(self.counterfactual_grow) <= 4.0:      # (false for nan)
+            raise ConfigError(f"counterfactual_grow must be in [0, 4] cells, got {self.counterfactual_grow!r}")
         if not 0.0 < float(self.ring_fraction) < 1.0:
             raise ConfigError(f"ring_fraction must be in (0, 1), got {self.ring_fraction!r}")
         for name, low in (("limit", 1), ("n_bootstrap", 1), ("examples", 0), ("batch_size", 1)):
@@ -296,6 +301,7 @@ def evaluate_saliency(config: SaliencyEvalConfig, log: Logger = print) -> tuple[
     check_masks(items)
     check_known(config.methods)
     context = open_model(config.target, config.backend, log)
+    context.counterfactual_grow = config.counterfactual_grow
     methods, skipped = resolve_methods(config.methods, context)
     for name, reason in skipped.items():
         log(f"method {name} skipped: {reason}")
@@ -317,7 +323,7 @@ def evaluate_saliency(config: SaliencyEvalConfig, log: Logger = print) -> tuple[
         examples += new_examples.values()
     if not tolerances:
         raise DatasetError(f"no image left to score (excluded: {excluded or 'none'})")
-    meta = {**context.meta, "data": list(config.data), "data_summary": loaded.summary.to_dict(),
+    meta = {**context.meta, "data": list(config.data), "counterfactual_grow_cells": config.counterfactual_grow, "data_summary": loaded.summary.to_dict(),
             "cpu": cpu_info()[0], "cpu_class": cpu_class(), "seconds": round(time.perf_counter() - started, 1)}
     report = saliency_report(scores, skipped, lesions, n_images=len(tolerances), excluded=excluded,
                              tolerance={"fraction_of_field_diameter": config.tolerance,

@@ -344,13 +344,14 @@ def cells_to_pixels(cells: np.ndarray, size: int) -> np.ndarray:
     return cells[rows][:, cols]
 
 
-def grown(region: np.ndarray, radius_px: float) -> np.ndarray:
-    """bool region widened by a disc of radius_px pixels (rounded); the region itself for radius < 0.5."""
-    radius = int(round(radius_px))
-    if radius <= 0:
+def grown(region: np.ndarray, rows_px: float, cols_px: float | None = None) -> np.ndarray:
+    """bool region widened by an ellipse of half-axes rows_px (vertical) and cols_px (horizontal, default the
+    same) pixels, rounded; the region itself when both round to 0."""
+    ry, rx = int(round(rows_px)), int(round(rows_px if cols_px is None else cols_px))
+    if ry <= 0 and rx <= 0:
         return region
-    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-    return cv2.dilate(region.astype(np.uint8), disc) > 0
+    ellipse = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * rx + 1, 2 * ry + 1))
+    return cv2.dilate(region.astype(np.uint8), ellipse) > 0
 
 
 def _field_cells(field_px: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
@@ -362,7 +363,9 @@ def _field_cells(field_px: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
 def _step(grader: Grader, current: CounterfactualStep, cells: np.ndarray, field_px: np.ndarray,
           config: CounterfactualConfig, evidence: Evidence) -> CounterfactualStep:
     started = time.perf_counter()
-    removed = grown(cells_to_pixels(cells, field_px.shape[0]), config.grow_cells * field_px.shape[0] / cells.shape[0])
+    size = field_px.shape[0]
+    removed = grown(cells_to_pixels(cells, size), config.grow_cells * size / cells.shape[0],
+                    config.grow_cells * size / cells.shape[1])
     removed &= field_px
     edited = inpaint(current.image, removed, field_px, config)
     inpainted = time.perf_counter()
