@@ -412,3 +412,27 @@ def test_a_gated_checkpoint_scores_its_deep_map_beside_the_gated_one(phantom_tes
     assert deep_map["edge_ring_mass"]["estimate"] != gated_map["edge_ring_mass"]["estimate"]
     skipped = reports["deep"]["methods"]["saliency-deep"]
     assert not skipped["available"] and "deep map already" in skipped["reason"]
+
+
+@pytest.mark.parametrize("grow", [-0.5, 4.5, float("nan")])
+def test_counterfactual_grow_is_checked(grow, tmp_path):
+    from edgeretina.errors import ConfigError
+    from edgeretina.evaluation import saliency
+
+    with pytest.raises(ConfigError, match="counterfactual_grow"):
+        saliency.SaliencyEvalConfig(target=tmp_path, data=("phantom:x",), out=tmp_path, counterfactual_grow=grow)
+
+
+def test_counterfactual_grow_reaches_the_counterfactual_and_the_report(onnx_bundle, phantom_test, tmp_path):
+    from edgeretina.evaluation import saliency
+
+    reports = {}
+    for grow in (0.0, 1.0):
+        config = saliency.SaliencyEvalConfig(target=onnx_bundle, data=(f"phantom:{phantom_test.parent}",),
+                                             out=tmp_path / str(grow), methods=("counterfactual",), limit=3,
+                                             n_bootstrap=100, examples=0, counterfactual_grow=grow)
+        reports[grow], _ = saliency.evaluate_saliency(config, log=lambda _: None)
+        assert reports[grow]["meta"]["counterfactual_grow_cells"] == grow
+    mass = {g: r["methods"]["counterfactual"]["edge_ring_mass"]["estimate"] for g, r in reports.items()}
+    inside = {g: r["methods"]["counterfactual"]["types"]["any"]["mass_inside"]["estimate"] for g, r in reports.items()}
+    assert (mass[0.0], inside[0.0]) != (mass[1.0], inside[1.0])        # widened removals: another map
