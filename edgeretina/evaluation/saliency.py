@@ -323,7 +323,8 @@ def evaluate_saliency(config: SaliencyEvalConfig, log: Logger = print) -> tuple[
         examples += new_examples.values()
     if not tolerances:
         raise DatasetError(f"no image left to score (excluded: {excluded or 'none'})")
-    meta = {**context.meta, "data": list(config.data), "counterfactual_grow_cells": config.counterfactual_grow, "data_summary": loaded.summary.to_dict(),
+    meta = {**context.meta, "data": list(config.data), "counterfactual_grow_cells": config.counterfactual_grow,
+            "data_summary": loaded.summary.to_dict(),
             "cpu": cpu_info()[0], "cpu_class": cpu_class(), "seconds": round(time.perf_counter() - started, 1)}
     report = saliency_report(scores, skipped, lesions, n_images=len(tolerances), excluded=excluded,
                              tolerance={"fraction_of_field_diameter": config.tolerance,
