@@ -73,9 +73,9 @@ class Worker:
                 timings = dict(item.record.timings_ms)
                 # Saliency rendering lives beside the grader (an app renders it on demand): timed on
                 # its own, outside the end-to-end latency.
-                if item.overlay_map is not None and item.geometry is not None and item.image is not None:
+                if item.geometry is not None and item.image is not None and item.overlay_map is not None:
                     t0 = time.perf_counter()
-                    render_overlay(item.image, item.overlay_map, item.geometry)
+                    render_overlay(item.image, item.overlay_map, item.geometry)   # the lesion map's making counts
                     timings["overlay"] = (time.perf_counter() - t0) * 1000.0
                     overlays_ms += timings["overlay"]
                 stages.append(timings)

@@ -54,8 +54,9 @@ def render_card(graded: GradedImage, bank_thumbnails: Mapping[str, np.ndarray] |
     if graded.image is not None:
         _lesion_marks(canvas, record.lesions, graded.image.shape[:2], left_photo, top)
     overlay = None
-    if graded.image is not None and graded.overlay_map is not None and graded.geometry is not None:
-        overlay = render_overlay(graded.image, graded.overlay_map, graded.geometry)
+    heat = graded.overlay_map if graded.image is not None and graded.geometry is not None else None
+    if heat is not None:
+        overlay = render_overlay(graded.image, heat, graded.geometry)
     _tile(canvas, overlay, left_overlay, top, "no overlay" if record.gradable is not False else "not graded")
     _panel(canvas, graded, left_panel, top)
     _neighbors(canvas, record.neighbors, bank_thumbnails or {}, MARGIN, top + TILE + 2 * MARGIN)

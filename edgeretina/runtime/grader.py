@@ -12,7 +12,7 @@ import ctypes
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -24,8 +24,8 @@ from edgeretina.preprocess import Geometry, ImageRef, ImageSource, detect_fov, i
 from edgeretina.quality import assess_quality
 from edgeretina.runtime.backends import create_runner, model_artifact, pick_backend
 from edgeretina.runtime.knn import FeatureBank
-from edgeretina.runtime.lesions import (DEFAULT_THRESHOLD, find_lesions, lesion_overlay_map,  # noqa: F401
-                                        lesion_presence)                                    # (re-export)
+from edgeretina.runtime.lesions import DEFAULT_THRESHOLD, find_lesions, lesion_overlay_map
+from edgeretina.runtime.lesions import lesion_presence  # noqa: F401  (re-export)
 from edgeretina.runtime.postprocess import grade_results
 from edgeretina.runtime.verify import ensure_verified
 from edgeretina.signing import TrustList, enforce_trust, resolve_trust
@@ -65,14 +65,17 @@ class GradedImage:
     geometry: Geometry | None = None
     saliency: np.ndarray | None = None       # [h, w] grid over the model input
     lesion_logits: np.ndarray | None = None  # [L, h', w'] the lesion head's grid (graphs with one), as `lesions` saw it
-    lesion_map: np.ndarray | None = None     # [h', w'] 0..1: lesions.lesion_overlay_map of lesion_logits
+    lesion_thresholds: float | Sequence[float] = DEFAULT_THRESHOLD   # what `lesions` was decided with
 
     @property
     def overlay_map(self) -> np.ndarray | None:
-        """The map the overlay draws: the lesion map where the graph has a lesion head (it points at lesions;
-        the class-agnostic saliency saturates over lesion-rich fields: benchmarks/results/2026-12-03-*/
-        explanations, pointing 0.995 vs 0.338), else the saliency."""
-        return self.lesion_map if self.lesion_map is not None else self.saliency
+        """The map the overlay draws, made when asked (not on the grading path): the lesion map relative to
+        each type's threshold where the graph has a lesion head (it points at lesions; the class-agnostic
+        saliency saturates over lesion-rich fields: benchmarks/results/2026-12-03-*/explanations, pointing
+        0.995 vs 0.338), else the saliency."""
+        if self.lesion_logits is None:
+            return self.saliency
+        return lesion_overlay_map(self.lesion_logits, self.lesion_thresholds)
 
 
 @dataclass
@@ -229,8 +232,7 @@ class Grader:
             item.graded.saliency = outputs["saliency"][i]
             if "lesion_logits" in outputs:
                 item.graded.lesion_logits = outputs["lesion_logits"][i]
-                item.graded.lesion_map = lesion_overlay_map(outputs["lesion_logits"][i],
-                                                            self.grading.lesion_thresholds or DEFAULT_THRESHOLD)
+                item.graded.lesion_thresholds = self.grading.lesion_thresholds or DEFAULT_THRESHOLD
 
 
 def _return_freed_heap() -> None:

@@ -31,10 +31,11 @@ def path_stem(relative_path: str) -> str:
 
 def write_visuals(graded: GradedImage, stem: str, overlays: Path | None, cards: Path | None) -> None:
     """Write what applies: an overlay where the model gave saliency, a card where the image decoded."""
-    if overlays is not None and graded.overlay_map is not None:
+    heat = graded.overlay_map if overlays is not None else None
+    if heat is not None:
         target = Path(overlays) / f"{stem}{OVERLAY_SUFFIX}"
-        if _written(graded, "overlay", lambda: write_png(target, render_overlay(graded.image, graded.overlay_map,
-                                                                                 graded.geometry)), target):
+        if _written(graded, "overlay", lambda: write_png(target, render_overlay(graded.image, heat, graded.geometry)),
+                    target):
             graded.record.overlay = str(target)
     if cards is not None and graded.image is not None:
         target = Path(cards) / f"{stem}{CARD_SUFFIX}"
